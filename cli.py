@@ -1,0 +1,168 @@
+"""The command line shared by the three stage scripts: common flags, defaults, and clean failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import torch
+
+from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
+from data import DataError, DeviceDataset, dataset_tag, load_dataset
+from heads import IntermediateHeads
+from engine import TrainConfig
+from models import TapModel, build_model
+from utils import UserError, parse_schedule, resolve_device
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def common_parser(description: str) -> Parser:
+    """Flags every stage takes; defaults are the paper's (Table 2 of the original README)."""
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="cifar100", help="cifar10, cifar100, synthetic, or a PATH.npz of your own")
+    p.add_argument("--data_dir", default="./data", help="where CIFAR is downloaded to / read from")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--schedule", nargs="+", default=["60", "120", "180"],
+                   help="epochs after which the LR is multiplied by --gamma: 60 120 180 or [60, 120, 180]")
+    p.add_argument("--gamma", type=float, default=0.1,
+                   help="LR decay factor (the original README says 0.1, its code defaulted to 0.2)")
+    p.add_argument("--seed", type=int, default=30, help="the paper averages seeds 30, 50 and 67")
+    p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
+    p.add_argument("--out_dir", default=None, help="output folder (default: derived from dataset, models and seed)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir (a finished run is kept)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast (auto: on for CUDA, off for the CPU)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the steps (auto: off; see docs/BENCHMARKS.md)")
+    return p
+
+
+def parse(parser: Parser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device, TrainConfig]:
+    """Parse and validate the flags; pick the device; build the engine's config."""
+    args = parser.parse_args(argv)
+    args.schedule = parse_schedule(args.schedule)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "gamma"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("momentum", "wd"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} must be non-negative, got {getattr(args, name)}")
+    device = resolve_device(args.gpu_id)
+    on_cuda = device.type == "cuda"
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        wd=args.wd,
+        nesterov=args.nesterov,
+        schedule=tuple(args.schedule),
+        gamma=args.gamma,
+        seed=args.seed,
+        amp=args.amp == "on" or (args.amp == "auto" and on_cuda),
+        compile=args.compile == "on",
+        channels_last=on_cuda,
+    )
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    return args, device, cfg
+
+
+def default_dir(dataset_tag: str, name: str, seed: int) -> Path:
+    """Where a stage writes by default, and where the next stage looks: `runs/<dataset>/<name>-seed<seed>`."""
+    return Path("runs") / dataset_tag / f"{name}-seed{seed}"
+
+
+def run_dir(args: argparse.Namespace, name: str) -> Path:
+    """`--out_dir`, or this stage's default folder."""
+    return Path(args.out_dir) if args.out_dir else default_dir(dataset_tag(args.dataset), name, args.seed)
+
+
+def stored_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments as plain values, to store in checkpoints and compare on --resume."""
+    return {key: value for key, value in vars(args).items() if value is None or isinstance(value, (str, int, float, bool, list))}
+
+
+def main_guard(main: Callable[[list[str] | None], Any]) -> None:
+    """Run a script's main; turn user errors into one line on stderr and exit 2, never a traceback."""
+    try:
+        main(None)
+    except UserError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        sys.exit(130)
+    except torch.OutOfMemoryError:
+        print(f"{Path(sys.argv[0]).name}: error: out of GPU memory; try a smaller --batch_size", file=sys.stderr)
+        sys.exit(2)
+
+
+def build(name: str, num_classes: int, device: torch.device, channels_last: bool) -> TapModel:
+    """Build a registered model on `device`; an unknown name is a user error that lists the choices."""
+    try:
+        model = build_model(name, num_classes)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def load_data(args: argparse.Namespace, device: torch.device) -> DeviceDataset:
+    """The dataset named by --dataset, held on `device`."""
+    try:
+        return load_dataset(args.dataset, args.data_dir, device)
+    except DataError as err:
+        raise UserError(str(err)) from None
+
+
+def print_model_summary(model: torch.nn.Module, device: torch.device) -> None:
+    """torchsummary's layer table; imported lazily because it is optional (GPU images often lack it)."""
+    try:
+        from torchsummary import summary
+    except ImportError:
+        raise UserError("--summary needs the torchsummary package: pip install torchsummary") from None
+    summary(model, (3, 32, 32), device=device.type)
+
+
+def load_teacher(args: argparse.Namespace, data: DeviceDataset, device: torch.device, cfg: TrainConfig):
+    """The frozen stage-1 teacher named by --teacher (from --teacher_ckpt or its default place) and its identity."""
+    path = args.teacher_ckpt or default_dir(dataset_tag(args.dataset), f"teacher-{args.teacher}", args.seed) / "teacher.pt"
+    ckpt = load_checkpoint(path, "teacher", "--teacher_ckpt")
+    expect_match(ckpt, "--teacher_ckpt", model=args.teacher, num_classes=data.num_classes, dataset=data.name)
+    teacher = build(args.teacher, data.num_classes, device, cfg.channels_last)
+    load_weights(teacher, ckpt, "--teacher_ckpt")
+    if model_fingerprint(teacher) != ckpt["fingerprint"]:
+        raise UserError(f"--teacher_ckpt: the weights in {path} do not match their recorded fingerprint (corrupt?)")
+    return teacher.eval().requires_grad_(False), identity(ckpt)
+
+
+def load_heads(args: argparse.Namespace, teacher_identity: dict[str, Any], device: torch.device) -> IntermediateHeads:
+    """The stage-2 heads (from --heads_ckpt or their default place), refused unless made for this very teacher."""
+    tag = dataset_tag(args.dataset)
+    path = args.heads_ckpt or default_dir(tag, f"heads-{args.teacher}", args.seed) / "heads.pt"
+    ckpt = load_checkpoint(path, "heads", "--heads_ckpt")
+    if ckpt["teacher"] != teacher_identity:
+        mismatch = next(k for k in teacher_identity if ckpt["teacher"].get(k) != teacher_identity[k])
+        raise UserError(
+            f"--heads_ckpt: {path} was trained on another teacher ({mismatch} {ckpt['teacher'].get(mismatch)!r}, "
+            f"this teacher has {teacher_identity[mismatch]!r}); run train_heads.py for this teacher"
+        )
+    heads = IntermediateHeads([(name, tuple(shape)) for name, shape in ckpt["taps"]], ckpt["num_classes"])
+    load_weights(heads, ckpt, "--heads_ckpt")
+    return heads.to(device).eval().requires_grad_(False)

@@ -1,0 +1,121 @@
+"""The model registry: builds, parameter counts, taps, and the TapModel contract."""
+
+import pytest
+import torch
+
+from models import MODEL_NAMES, TapModel, build_model
+
+# Exact parameter counts for 10 and 100 classes. Published (CIFAR-10) figures they round to:
+# ResNet-20/32/44/56/110 0.27M/0.46M/0.66M/0.85M/1.7M (He et al., 2016); ResNet-18/34 11.2M/21.3M;
+# VGG-11-BN 9.2M; WRN-16-2/28-2/40-2 0.69M/1.47M/2.24M (Zagoruyko & Komodakis, 2016).
+PARAMS = {
+    "res8": (75_290, 81_140),
+    "res14": (172_506, 178_356),
+    "res20": (269_722, 275_572),
+    "res32": (464_154, 470_004),
+    "res44": (658_586, 664_436),
+    "res56": (853_018, 858_868),
+    "res110": (1_727_962, 1_733_812),
+    "res18": (11_173_962, 11_220_132),
+    "res34": (21_282_122, 21_328_292),
+    "vgg11": (9_228_362, 9_274_532),
+    "wrn_16_2": (691_674, 703_284),
+    "wrn_28_2": (1_467_610, 1_479_220),
+    "wrn_40_2": (2_243_546, 2_255_156),
+}
+
+CIFAR_RESNET_TAPS = {"layer1": (16, 32, 32), "layer2": (32, 16, 16), "layer3": (64, 8, 8)}
+WRN_2_TAPS = {"group1": (32, 32, 32), "group2": (64, 16, 16), "group3": (128, 8, 8)}
+TAPS = {
+    **dict.fromkeys(["res8", "res14", "res20", "res32", "res44", "res56", "res110"], CIFAR_RESNET_TAPS),
+    **dict.fromkeys(
+        ["res18", "res34"],
+        {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8), "layer4": (512, 4, 4)},
+    ),
+    "vgg11": {"pool1": (64, 16, 16), "pool2": (128, 8, 8), "pool3": (256, 4, 4), "pool4": (512, 2, 2)},
+    **dict.fromkeys(["wrn_16_2", "wrn_28_2", "wrn_40_2"], WRN_2_TAPS),
+}
+
+ONE_PER_FAMILY = ["res8", "res18", "vgg11", "wrn_16_2"]
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_tables_cover_registry():
+    assert MODEL_NAMES == tuple(PARAMS) == tuple(TAPS)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_builds_with_exact_param_counts_and_finite_logits(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for num_classes, expected in zip((10, 100), PARAMS[name], strict=True):
+        model = build_model(name, num_classes)
+        assert isinstance(model, TapModel)
+        assert num_params(model) == expected
+        logits = model(x)
+        assert logits.shape == (2, num_classes)
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_taps_match_table_and_forward(name):
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = TAPS[name]
+    assert model.tap_names == tuple(expected)
+    assert model.tap_shapes() == list(expected.values())
+    with torch.no_grad():
+        logits, taps = model.forward_taps(x)
+        assert torch.equal(logits, model(x))
+    assert [tuple(t.shape) for t in taps] == [(2, *shape) for shape in expected.values()]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_tap_shapes_has_no_side_effects(name, training):
+    model = build_model(name, 10)
+    model(torch.randn(2, 3, 32, 32))  # a train-mode pass gives BN non-default running statistics
+    model.train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.tap_shapes()
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training == training for m in model.modules())
+
+
+def test_tap_shapes_keeps_mixed_train_eval_flags():
+    model = build_model("res8", 10).train()
+    model.layer2.eval()
+    flags = [m.training for m in model.modules()]
+    model.tap_shapes()
+    assert [m.training for m in model.modules()] == flags
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_channels_last_and_autocast(name):
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x), reference, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, taps = model.forward_taps(x)
+    assert logits.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in taps)
+    assert torch.isfinite(logits.float()).all()
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(ValueError) as excinfo:
+        build_model("res9000", 10)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert message == f"unknown model 'res9000'; choose from: {', '.join(MODEL_NAMES)}"
