@@ -73,6 +73,33 @@ class Stage(Protocol):
         ...
 
 
+def make_optimizer(stage: Stage, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with (Nesterov) momentum and weight decay over the stage's trainable parameters."""
+    params = [p for p in stage.trainable.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when `cfg.amp` (losses are computed in fp32 by the stages), else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
+
+
+def make_train_step(stage: Stage, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Callable:
+    """One optimisation step on a batch, returning (loss, number correct) as device tensors: no host sync."""
+    forward = torch.compile(stage.training_step) if cfg.compile else stage.training_step
+
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with autocast(cfg, x.device):
+            loss, logits = forward(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        correct = sum((out.argmax(1) == y).sum() for out in logits) / len(logits)
+        return loss.detach().float(), correct
+
+    return step
+
+
 def fit(
     stage: Stage,
     data: DeviceDataset,
@@ -89,10 +116,7 @@ def fit(
     """
     out_dir = Path(out_dir)
     device = data.x_train.device
-    params = [p for p in stage.trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov
-    )
+    optimizer = make_optimizer(stage, cfg)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
@@ -108,10 +132,7 @@ def fit(
         history = _restore(resume_path, stage, optimizer, generator, args)
         log(f"resuming {out_dir} after epoch {history[-1]['epoch']}")
 
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
-    )
-    train_step = torch.compile(stage.training_step) if cfg.compile else stage.training_step
+    train_step = make_train_step(stage, optimizer, cfg)
     eval_step = torch.compile(stage.evaluate) if cfg.compile else stage.evaluate
     steps = num_train_batches(data, cfg.batch_size)
 
@@ -125,21 +146,17 @@ def fit(
         correct = torch.zeros((), device=device)
         batches = train_batches(data, cfg.batch_size, generator, channels_last=cfg.channels_last)
         for x, y in tqdm(batches, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None):
-            with autocast:
-                loss, logits = train_step(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, batch_correct = train_step(x, y)
             # Accumulated on the device: no host synchronisation inside the epoch.
-            loss_sum += loss.detach().float() * y.numel()
-            correct += sum((out.argmax(1) == y).sum() for out in logits) / len(logits)
+            loss_sum += loss * y.numel()
+            correct += batch_correct
         train_loss, train_correct = (torch.stack([loss_sum, correct]) / len(data.y_train)).tolist()
         if not math.isfinite(train_loss):
             raise UserError(
                 f"the training loss became {train_loss} in epoch {epoch} (diverged: try a lower --lr); "
                 f"nothing was written for this epoch"
             )
-        test = _evaluate(stage, eval_step, data, cfg, autocast)
+        test = _evaluate(stage, eval_step, data, cfg)
         row = {
             "epoch": epoch,
             "lr": lr,
@@ -162,11 +179,11 @@ def fit(
     return _finish(out_dir, stage, data, cfg, history, args)
 
 
-def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: TrainConfig, autocast) -> dict:
+def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: TrainConfig) -> dict:
     """Per named classifier: (mean cross-entropy, accuracy in percent) over the test set."""
     stage.trainable.eval()
     sums: dict[str, Tensor] = {}
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(cfg, data.x_test.device):
         for x, y in test_batches(data, cfg.eval_batch_size, channels_last=cfg.channels_last):
             for name, logits in eval_step(x).items():
                 logits = logits.float()
