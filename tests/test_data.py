@@ -4,7 +4,6 @@ import dataclasses
 import hashlib
 import http.server
 import pickle
-import sys
 import tarfile
 import threading
 from functools import partial
@@ -14,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import data  # noqa: E402
-from data import DataError, DeviceDataset  # noqa: E402
+import data
+from data import DataError, DeviceDataset
 
 CPU = torch.device("cpu")
 
@@ -176,11 +173,12 @@ def test_synthetic_deterministic_and_balanced():
 
 
 def test_synthetic_colour_statistics_do_not_give_the_class_away():
+    """Half the objects wear a class colour, but image-level colour statistics stay near chance (10%)."""
     x, y, _, _ = data.make_synthetic(2000, 0)
     features = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
     centroids = np.stack([features[y == c].mean(0) for c in range(10)])
     nearest = np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
-    assert (nearest == y).mean() < 0.2  # chance is 0.1
+    assert (nearest == y).mean() < 0.2
 
 
 def test_load_synthetic():
@@ -188,9 +186,7 @@ def test_load_synthetic():
     assert ds.name == "synthetic" and ds.num_classes == 10
     assert ds.x_train.shape == (10_000, 3, 32, 32) and ds.x_test.shape == (2_000, 3, 32, 32)
     assert ds.x_train.dtype == torch.uint8 and ds.y_train.dtype == torch.int64
-    x = ds.x_train.double() / 255
-    np.testing.assert_allclose(ds.mean, x.mean(dim=(0, 2, 3)).numpy(), atol=1e-6)
-    np.testing.assert_allclose(ds.std, x.std(dim=(0, 2, 3), unbiased=False).numpy(), atol=1e-6)
+    assert all(0.3 < m < 0.7 for m in ds.mean) and all(0.15 < s < 0.35 for s in ds.std)  # exact: npz test
     assert data.load_dataset("synthetic", "unused", CPU).x_train.data_ptr() != ds.x_train.data_ptr()
     assert data.dataset_tag("synthetic") == "synthetic"
 
@@ -276,7 +272,7 @@ def test_npz_file_problems(tmp_path):
         tmp_path / "absent.npz": "not found",
         tmp_path / "text.npz": "not an npz",
         tmp_path / "dir.npz": "not found",
-        tmp_path / "truncated.npz": "could not be read",
+        tmp_path / "truncated.npz": "not an npz",
     }
     (tmp_path / "text.npz").write_text("x_train,y_train\n1,2\n")
     (tmp_path / "dir.npz").mkdir()
@@ -349,7 +345,7 @@ def make_fake_cifar(root: Path, spec: str) -> tuple[data.CifarSource, dict[str, 
     with open(folder / meta_name, "wb") as f:
         pickle.dump({b"label_names": [b"c%d" % i for i in range(official.num_classes)]}, f, protocol=2)
     archive = root / "serve" / official.archive
-    archive.parent.mkdir()
+    archive.parent.mkdir(exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=official.folder)
     source = dataclasses.replace(
@@ -408,7 +404,7 @@ def test_cifar10_download_over_http_then_offline(tmp_path, http_server):
     source = dataclasses.replace(source, url=f"{base_url}/{source.archive}")
     data_dir = tmp_path / "data"
     check_loaded(data.load_dataset("cifar10", data_dir, CPU, cifar_source=source), "cifar10", expected)
-    assert sorted(p.name for p in data_dir.iterdir()) == [source.archive, source.folder]
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([source.archive, source.folder])
     stop()
     check_loaded(data.load_dataset("cifar10", data_dir, CPU, cifar_source=source), "cifar10", expected)
     with pytest.raises(DataError, match="no network") as exc:  # nothing on disk, server gone
@@ -442,7 +438,7 @@ def test_cifar_bad_archive_already_present(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / source.archive).write_bytes(b"not the archive")
-    with pytest.raises(DataError, match="fails its md5 check: delete it") as exc:
+    with pytest.raises(DataError, match="fails its md5 check .*: delete it to download it again") as exc:
         data.load_dataset("cifar10", data_dir, CPU, cifar_source=source)
     check_one_line(exc)
 
@@ -477,3 +473,11 @@ def test_official_sources_come_from_torchvision():
     assert c100.archive_md5 == "eb9058c3a382ffc7106e4002c42a8d85"
     assert [name for name, _ in c10.train_files] == [f"data_batch_{i}" for i in range(1, 6)]
     assert (c100.folder, c100.label_key, c100.num_classes) == ("cifar-100-python", b"fine_labels", 100)
+
+
+def test_cifar_data_dir_is_a_file(tmp_path):
+    source, _ = make_fake_cifar(tmp_path, "cifar10")
+    (tmp_path / "occupied").write_text("")
+    with pytest.raises(DataError, match="cannot create the data directory .*occupied") as exc:
+        data.load_dataset("cifar10", tmp_path / "occupied", CPU, cifar_source=source)
+    check_one_line(exc)
