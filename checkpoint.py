@@ -51,7 +51,9 @@ def expect_match(ckpt: dict[str, Any], flag: str, **expected: Any) -> None:
     for field, want in expected.items():
         have = ckpt.get(field)
         if have != want:
-            raise UserError(f"{flag}: the checkpoint was made for {field}={have!r}, but this run needs {field}={want!r}")
+            raise UserError(
+                f"{flag}: the checkpoint was made for {field}={have!r}, but this run needs {field}={want!r}"
+            )
 
 
 def load_weights(module: nn.Module, ckpt: dict[str, Any], flag: str) -> None:

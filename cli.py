@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
-from data import DataError, DeviceDataset, dataset_tag, load_dataset
-from heads import IntermediateHeads
+from data import DeviceDataset, dataset_tag, load_dataset
 from engine import TrainConfig
+from heads import IntermediateHeads
 from models import TapModel, build_model
 from utils import UserError, parse_schedule, resolve_device
 
@@ -96,7 +97,8 @@ def run_dir(args: argparse.Namespace, name: str) -> Path:
 
 def stored_args(args: argparse.Namespace) -> dict[str, Any]:
     """The run's arguments as plain values, to store in checkpoints and compare on --resume."""
-    return {key: value for key, value in vars(args).items() if value is None or isinstance(value, (str, int, float, bool, list))}
+    plain = (str, int, float, bool, list, type(None))
+    return {key: value for key, value in vars(args).items() if isinstance(value, plain)}
 
 
 def main_guard(main: Callable[[list[str] | None], Any]) -> None:
@@ -124,11 +126,8 @@ def build(name: str, num_classes: int, device: torch.device, channels_last: bool
 
 
 def load_data(args: argparse.Namespace, device: torch.device) -> DeviceDataset:
-    """The dataset named by --dataset, held on `device`."""
-    try:
-        return load_dataset(args.dataset, args.data_dir, device)
-    except DataError as err:
-        raise UserError(str(err)) from None
+    """The dataset named by --dataset, held on `device` (bad data raises `data.DataError`, a `UserError`)."""
+    return load_dataset(args.dataset, args.data_dir, device)
 
 
 def print_model_summary(model: torch.nn.Module, device: torch.device) -> None:
@@ -142,7 +141,8 @@ def print_model_summary(model: torch.nn.Module, device: torch.device) -> None:
 
 def load_teacher(args: argparse.Namespace, data: DeviceDataset, device: torch.device, cfg: TrainConfig):
     """The frozen stage-1 teacher named by --teacher (from --teacher_ckpt or its default place) and its identity."""
-    path = args.teacher_ckpt or default_dir(dataset_tag(args.dataset), f"teacher-{args.teacher}", args.seed) / "teacher.pt"
+    tag = dataset_tag(args.dataset)
+    path = args.teacher_ckpt or default_dir(tag, f"teacher-{args.teacher}", args.seed) / "teacher.pt"
     ckpt = load_checkpoint(path, "teacher", "--teacher_ckpt")
     expect_match(ckpt, "--teacher_ckpt", model=args.teacher, num_classes=data.num_classes, dataset=data.name)
     teacher = build(args.teacher, data.num_classes, device, cfg.channels_last)

@@ -36,6 +36,8 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
+from utils import UserError
+
 IMAGE_SIZE = 32
 PAD = 4
 BUILTIN = ("cifar10", "cifar100", "synthetic")
@@ -43,7 +45,7 @@ SYNTHETIC_SIZE = (10_000, 2_000)  # train, test
 SYNTHETIC_CLASSES = 10
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data or a bad dataset argument; the message is one line the CLI prints before exiting with 2."""
 
 

@@ -46,7 +46,8 @@ class HeadsTraining:
     kind = "heads"
 
     def __init__(self, teacher: TapModel, heads: IntermediateHeads, teacher_identity: dict[str, Any]):
-        self.teacher, self.trainable, self.teacher_identity = teacher.eval().requires_grad_(False), heads, teacher_identity
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.trainable, self.teacher_identity = heads, teacher_identity
         self.headline = heads.tap_names
 
     def training_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -57,7 +58,7 @@ class HeadsTraining:
 
     def evaluate(self, x: Tensor) -> dict[str, Tensor]:
         final, features = self.teacher.forward_taps(x)
-        return {**dict(zip(self.headline, self.trainable(features))), "final": final}
+        return {**dict(zip(self.headline, self.trainable(features), strict=True)), "final": final}
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {

@@ -37,23 +37,20 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = cli.run_dir(args, name)
 
     data = cli.load_data(args, device)
-    if args.method == "ce":
-        extra = {"method": "ce", "teacher": None, "alpha": 0.0, "temperature": None}
-        torch.manual_seed(args.seed)
-        student = cli.build(args.student, data.num_classes, device, cfg.channels_last)
-        stage = Supervised(student, args.student, kind="student", extra=extra)
-    else:
+    if args.method != "ce":
         teacher, teacher_identity = cli.load_teacher(args, data, device, cfg)
         heads = cli.load_heads(args, teacher_identity, device) if args.method == "dih" else None
+    torch.manual_seed(args.seed)
+    student = cli.build(args.student, data.num_classes, device, cfg.channels_last)
+    if args.method == "ce":
+        extra = {"method": "ce", "teacher": None, "alpha": 0.0, "temperature": None}
+        stage = Supervised(student, args.student, kind="student", extra=extra)
+    else:
         extra = {"model": args.student, "method": args.method, "teacher": args.teacher, "alpha": args.alpha,
                  "temperature": args.temperature, "cohort_reduction": args.cohort_reduction,
                  "teacher_fingerprint": teacher_identity["fingerprint"]}
-        torch.manual_seed(args.seed)
-        student = cli.build(args.student, data.num_classes, device, cfg.channels_last)
         stage = Distillation(student, teacher, heads, args.alpha, args.temperature, args.cohort_reduction, extra)
-    cohort = {"ce": "no teacher", "kd": f"{args.teacher}'s classifier",
-              "dih": f"{args.teacher}'s classifier + {len(heads.heads) if args.method == 'dih' else 0} heads"}
-    print(f"stage 3: {args.student} by {args.method} ({cohort[args.method]}) on {device} -> {out_dir}")
+    print(f"stage 3: {args.student} by {args.method} on {device} -> {out_dir}")
     summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
     print(f"{args.method} student {args.student}: final test accuracy {summary['final_test_acc']:.2f}% "
           f"(best epoch {summary['best_epoch']}: {summary['best_test_acc']:.2f}%)")

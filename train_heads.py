@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher, teacher_identity = cli.load_teacher(args, data, device, cfg)
     torch.manual_seed(args.seed)
     heads = heads_for(teacher, data.num_classes).to(device)
-    print(f"stage 2: {len(heads.heads)} heads on {args.teacher} at {', '.join(heads.tap_names)} on {device} -> {out_dir}")
+    taps = ", ".join(heads.tap_names)
+    print(f"stage 2: {len(heads.heads)} heads on {args.teacher} at {taps} on {device} -> {out_dir}")
     summary = fit(HeadsTraining(teacher, heads, teacher_identity), data, cfg, out_dir, cli.stored_args(args),
                   resume=args.resume)
     if model_fingerprint(teacher) != teacher_identity["fingerprint"]:

@@ -45,7 +45,8 @@ def parse_schedule(tokens: list[str]) -> list[int]:
     try:
         milestones = [int(p) for p in parts]
     except ValueError:
-        raise UserError(f"--schedule {' '.join(tokens)!r} is not a list of epochs, e.g. --schedule 60 120 180") from None
+        example = "e.g. --schedule 60 120 180"
+        raise UserError(f"--schedule {' '.join(tokens)!r} is not a list of epochs, {example}") from None
     if any(m < 1 for m in milestones) or milestones != sorted(milestones):
         raise UserError(f"--schedule {milestones} must be increasing positive epochs")
     return milestones

@@ -26,4 +26,4 @@ class IntermediateHeads(nn.Module):
 
 def heads_for(teacher: TapModel, num_classes: int) -> IntermediateHeads:
     """The heads Table 1 mounts on `teacher`: one on each of its taps."""
-    return IntermediateHeads(list(zip(teacher.tap_names, teacher.tap_shapes())), num_classes)
+    return IntermediateHeads(list(zip(teacher.tap_names, teacher.tap_shapes(), strict=True)), num_classes)

@@ -60,12 +60,11 @@ def test_stage1_writes_the_contracted_outputs(tiny_npz, tmp_path):
 
 
 def test_stage2_leaves_the_teacher_bit_identical(trained, tiny_npz, tmp_path):
+    from data import load_dataset
     from engine import TrainConfig, fit
     from heads import heads_for
     from models import build_model
     from stages import HeadsTraining
-
-    from data import load_dataset
 
     data = load_dataset(str(tiny_npz), "unused", torch.device("cpu"))
     model = build_model("res8", 10)
@@ -135,7 +134,8 @@ def _kill_after_first_epoch(args: list[str], out: Path) -> None:
 def test_killed_run_resumes_bit_identical(trained, tiny_npz, tmp_path, script):
     common = [str(ROOT / script), "--dataset", str(tiny_npz), "--epochs", "4", "--schedule", "2", *FAST]
     if script == "test_dih.py":
-        common += ["--teacher", "res8", "--teacher_ckpt", str(trained["teacher"]), "--heads_ckpt", str(trained["heads"])]
+        common += ["--teacher", "res8", "--teacher_ckpt", str(trained["teacher"]),
+                   "--heads_ckpt", str(trained["heads"])]
     else:
         common += ["--model", "res8"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
