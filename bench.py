@@ -1,0 +1,573 @@
+"""Training-step throughput of the three DIH stages: the project's fast path against a conventional one.
+
+    python3 bench.py --gpu_id 0                # teacher, heads and DIH stages: res110 -> res8, 100 classes, batch 64
+    python3 bench.py --gpu_id cpu --quick      # the same with few steps: under 3 minutes on a 2-core CPU
+    python3 bench.py --growth                  # + epoch time for teachers res20/56/110 at batch 64/128/256
+    python3 bench.py --ablation                # + the fast path with one optimisation flipped at a time
+
+Both paths train copies of the same randomly initialised models on the same random CIFAR-shaped uint8 images;
+the arithmetic of a step does not depend on the weights, so random teacher and heads are enough for timing.
+The fast path is the project's own code: a `DeviceDataset` with `data.train_batches`, the stages of
+`stages.py`, and `engine.make_train_step` with the `TrainConfig` the stage scripts would build for these flags.
+The conventional path, written below as the foil, is how most KD code trains: a torchvision DataLoader with
+per-image PIL transforms, fp32, eager, NCHW, the frozen teacher and each head called as separate modules
+under no_grad, the loss summed over the cohort in a Python loop, `loss.item()` every step.
+
+Before timing, the two paths of each stage compute the loss of one un-augmented batch; they must agree
+(fp32: to rounding, bf16: within its precision) or the script exits 1. Times are the median over repeats of
+`--steps` steps each, after `--warmup` steps, with the device synchronised before the clock is read.
+The last line printed is one JSON object for the DIH stage (or the last stage measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+import cli
+from data import CIFAR_SOURCES, DeviceDataset, test_batches, train_batches
+from engine import Stage, TrainConfig, make_optimizer, make_train_step
+from heads import IntermediateHeads, heads_for
+from models import MODEL_NAMES, TapModel, build_model
+from stages import Distillation, HeadsTraining, Supervised
+
+STAGES = ("teacher", "heads", "dih")
+ALPHA, TEMPERATURE = 0.1, 5.0  # the paper's defaults
+MEAN, STD = CIFAR_SOURCES["cifar100"].mean, CIFAR_SOURCES["cifar100"].std
+EPOCH_IMAGES = 50_000  # one CIFAR training set, for the growth table's extrapolated epoch time
+GROWTH_TEACHERS, GROWTH_BATCHES = ("res20", "res56", "res110"), (64, 128, 256)
+RTOL = {False: 1e-4, True: 2e-2}  # loss agreement between the paths: fp32, bf16 (8-bit mantissa)
+JSON_KEYS = ("stage", "device", "batch_size", "fast_img_s", "conventional_img_s", "ratio")
+
+Step = Callable[[Tensor, Tensor], Any]
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+@dataclass(frozen=True)
+class Models:
+    """Initial weights, on the CPU, that every measurement copies: both paths start from the same numbers."""
+
+    teacher_name: str
+    teacher: TapModel
+    heads: IntermediateHeads
+    student: TapModel
+
+
+def random_images(n: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-shaped data: uint8 (n, 32, 32, 3) images, as a user's npz holds them, and int64 labels."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, num_classes, n, dtype=np.int64)
+
+
+def device_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int, device: torch.device) -> DeviceDataset:
+    """The images held on `device` the way `data.load_dataset` holds a dataset; the test split is the same set."""
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    y = torch.from_numpy(labels).to(device)
+    return DeviceDataset("random", num_classes, x, y, x, y, MEAN, STD)
+
+
+def calibrate_bn(model: nn.Module, x: Tensor) -> None:
+    """Give a random-init model the BN statistics of real activations.
+
+    A random ResNet-110 in eval mode with BN's initial statistics (mean 0, variance 1) amplifies its input
+    by ~1e8 over its 54 blocks, so a "frozen teacher" straight from init would give meaningless losses.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+
+
+def make_models(teacher: str, student: str, num_classes: int, seed: int = 0) -> Models:
+    """Random-init teacher (BN-calibrated), its heads (Table 1 taps) and student, built once on the CPU."""
+    torch.manual_seed(seed)
+    t = build_model(teacher, num_classes)
+    images, _ = random_images(256, num_classes, seed + 1)
+    calibrate_bn(t, normalise(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())))
+    return Models(teacher, t, heads_for(t, num_classes), build_model(student, num_classes))
+
+
+def normalise(x: Tensor) -> Tensor:
+    """uint8 NCHW -> the normalised float input both pipelines produce."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def place(module: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """A private copy of `module` on `device`, in the memory format the path uses."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return copy.deepcopy(module).to(device, memory_format=memory_format)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that a clock reading includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words, as recorded with the numbers."""
+    if device.type == "cuda":
+        return f"{device}: {torch.cuda.get_device_name(device)}"
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"cpu: {models[0] if models else 'unknown'} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# ------------------------------------------------------------------------------------- the fast path
+
+
+class CohortTwice(Distillation):
+    """Ablation only: the cohort as the original code evaluated it, under no_grad and every head twice."""
+
+    def cohort(self, x: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            final, features = self.teacher.forward_taps(x)
+            self.heads(features)  # the original computed every head's logits twice per step (SPEC section 2)
+            return [final, *self.heads(features)]
+
+
+def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device, cohort_twice: bool = False) -> Stage:
+    """The project's stage object for `kind`, on copies of the initial weights."""
+    teacher = place(models.teacher, device, cfg.channels_last)
+    if kind == "teacher":
+        return Supervised(teacher.train(), models.teacher_name)
+    heads = place(models.heads, device, cfg.channels_last)
+    if kind == "heads":
+        return HeadsTraining(teacher, heads, {"model": models.teacher_name})
+    student = place(models.student, device, cfg.channels_last)
+    distillation = CohortTwice if cohort_twice else Distillation
+    return distillation(student, teacher, heads, ALPHA, TEMPERATURE, "sum", extra={})
+
+
+def fast_step(stage: Stage, cfg: TrainConfig, sync_each_step: bool = False) -> Step:
+    """What `engine.fit` does per batch: the engine's train step, metrics accumulated on the device."""
+    if cfg.compile:  # every measurement compiles afresh: dynamo's per-function cache would otherwise fill up
+        torch._dynamo.reset()  # after 8 models and silently fall back to eager
+    train_step = make_train_step(stage, make_optimizer(stage, cfg), cfg)
+    stage.trainable.train()
+    device = next(stage.trainable.parameters()).device
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        nonlocal loss_sum, correct
+        loss, batch_correct = train_step(x, y)
+        loss_sum += loss * y.numel()
+        correct += batch_correct
+        if sync_each_step:  # ablation: what a per-step loss.item() costs
+            loss.item()
+        return loss
+
+    return step
+
+
+# ----------------------------------------------------------------------------- the conventional path
+
+
+class PilImages(Dataset):
+    """The conventional input pipeline: each item becomes a PIL image and goes through torchvision transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
+        self.images, self.labels = images, labels
+        crop_flip = [transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip()]
+        self.transform = transforms.Compose(
+            [*(crop_flip if augment else []), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def conventional_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device) -> DataLoader:
+    """A DataLoader as KD code usually builds one: one worker per core, pinned memory on CUDA, shuffled."""
+    return DataLoader(
+        PilImages(images, labels, augment=True),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=os.cpu_count() or 1,
+        pin_memory=device.type == "cuda",
+        drop_last=False,  # as data.train_batches
+    )
+
+
+def conventional_step(kind: str, models: Models, device: torch.device) -> Step:
+    """One conventional training step of stage `kind` on a CPU batch; returns the loss as a Python float."""
+    teacher = place(models.teacher, device, channels_last=False)
+    heads = list(place(models.heads, device, channels_last=False).heads)
+    if kind == "teacher":
+        trainable: list[nn.Module] = [teacher.train()]
+    else:
+        teacher.eval().requires_grad_(False)
+        trainable = heads if kind == "heads" else [place(models.student, device, channels_last=False).train()]
+        if kind == "dih":
+            for head in heads:
+                head.eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(
+        [p for module in trainable for p in module.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
+
+    def losses(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if kind == "teacher":
+            logits = teacher(x)
+            return F.cross_entropy(logits, y), logits
+        if kind == "heads":
+            with torch.no_grad():
+                _, features = teacher.forward_taps(x)
+            outputs = [head(f.flatten(1)) for head, f in zip(heads, features, strict=True)]
+            return sum(F.cross_entropy(out, y) for out in outputs), outputs[-1]
+        with torch.no_grad():
+            final, features = teacher.forward_taps(x)
+            [head(f.flatten(1)) for head, f in zip(heads, features, strict=True)]  # the original's redundant pass
+            cohort = [final, *(head(f.flatten(1)) for head, f in zip(heads, features, strict=True))]
+        logits = trainable[0](x)
+        loss = torch.zeros((), device=device)
+        for member in cohort:
+            log_q, p = F.log_softmax(logits / TEMPERATURE, 1), F.softmax(member / TEMPERATURE, 1)
+            kl = F.kl_div(log_q, p, reduction="batchmean")
+            loss = loss + (1 - ALPHA) * F.cross_entropy(logits, y) + ALPHA * TEMPERATURE**2 * kl
+        return loss, logits
+
+    def step(x: Tensor, y: Tensor) -> float:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, logits = losses(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        (logits.argmax(1) == y).sum().item()  # the running accuracy such loops print
+        return loss.item()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to run: `warmup` steps, then `repeats` timed runs of `steps` steps each."""
+
+    warmup: int
+    steps: int
+    repeats: int
+
+    @property
+    def batches(self) -> int:
+        return self.warmup + self.steps * self.repeats
+
+
+def seconds_per_step(step: Step, batches: Iterator[tuple[Tensor, Tensor]], plan: Plan, device: torch.device) -> float:
+    """Median over the repeats of the wall time per step; warm-up excluded, device synchronised."""
+    for _ in range(plan.warmup):
+        step(*next(batches))
+    synchronize(device)
+    times = []
+    for _ in range(plan.repeats):
+        start = time.perf_counter()
+        for _ in range(plan.steps):
+            step(*next(batches))
+        synchronize(device)
+        times.append((time.perf_counter() - start) / plan.steps)
+    return statistics.median(times)
+
+
+@dataclass
+class Workload:
+    """One setting to measure: the models, the images (host and device copies) and the engine's config."""
+
+    models: Models
+    images: np.ndarray
+    labels: np.ndarray
+    data: DeviceDataset
+    cfg: TrainConfig
+    device: torch.device
+    plan: Plan
+
+    @classmethod
+    def build(cls, teacher: str, student: str, num_classes: int, cfg: TrainConfig, device: torch.device, plan: Plan):
+        images, labels = random_images(plan.batches * cfg.batch_size, num_classes)
+        data = device_dataset(images, labels, num_classes, device)
+        return cls(make_models(teacher, student, num_classes), images, labels, data, cfg, device, plan)
+
+    def fast_batches(self, cfg: TrainConfig) -> Iterator[tuple[Tensor, Tensor]]:
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        return train_batches(self.data, cfg.batch_size, generator, channels_last=cfg.channels_last)
+
+    def loader_batches(self, cfg: TrainConfig) -> Iterator[tuple[Tensor, Tensor]]:
+        """Ablation: the conventional DataLoader feeding the fast step."""
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        for x, y in conventional_loader(self.images, self.labels, cfg.batch_size, self.device):
+            yield x.to(self.device, non_blocking=True).contiguous(memory_format=memory_format), y.to(self.device)
+
+    def fast(self, kind: str, cfg: TrainConfig | None = None, *, cohort_twice: bool = False,
+             loader: bool = False, sync_each_step: bool = False) -> float:
+        """Seconds per step of the fast path, optionally with one optimisation undone (the ablation)."""
+        cfg = cfg or self.cfg
+        step = fast_step(fast_stage(kind, self.models, cfg, self.device, cohort_twice), cfg, sync_each_step)
+        batches = self.loader_batches(cfg) if loader else self.fast_batches(cfg)
+        return seconds_per_step(step, batches, self.plan, self.device)
+
+    def conventional(self, kind: str) -> float:
+        step = conventional_step(kind, self.models, self.device)
+        loader = conventional_loader(self.images, self.labels, self.cfg.batch_size, self.device)
+        return seconds_per_step(step, iter(loader), self.plan, self.device)
+
+    def check(self, kind: str) -> tuple[float, float, bool]:
+        """Both paths' loss on the same un-augmented first batch, from the same weights: (fast, conventional, ok)."""
+        batch = self.cfg.batch_size
+        x, y = next(test_batches(self.data, batch, channels_last=self.cfg.channels_last))
+        fast = float(fast_step(fast_stage(kind, self.models, self.cfg, self.device), self.cfg)(x, y))
+        xc, yc = default_collate([PilImages(self.images, self.labels, augment=False)[i] for i in range(batch)])
+        conventional = conventional_step(kind, self.models, self.device)(xc, yc)
+        return fast, conventional, math.isclose(fast, conventional, rel_tol=RTOL[self.cfg.amp], abs_tol=1e-6)
+
+    def gflop(self, kind: str) -> float:
+        """Arithmetic of one training step (forward and backward, fp32 NCHW), counted on the meta device."""
+        meta = torch.device("meta")
+        cfg = dataclasses.replace(self.cfg, amp=False, compile=False, channels_last=False)
+        stage = fast_stage(kind, self.models, cfg, meta)
+        x = torch.empty(cfg.batch_size, 3, 32, 32, device=meta)
+        y = torch.zeros(cfg.batch_size, dtype=torch.int64, device=meta)
+        with FlopCounterMode(display=False) as counter:
+            stage.training_step(x, y)[0].backward()
+        return counter.get_total_flops() / 1e9
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    """A plain text table, columns as wide as their widest cell."""
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def describe(cfg: TrainConfig) -> str:
+    return (f"{'bf16 autocast' if cfg.amp else 'fp32'}, {'channels_last' if cfg.channels_last else 'NCHW'}, "
+            f"{'torch.compile' if cfg.compile else 'eager'}")
+
+
+def compare(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
+    """Each stage through both paths: the loss check, then the timings."""
+    results = []
+    for kind in kinds:
+        fast_loss, conventional_loss, ok = work.check(kind)
+        conventional_s, fast_s = work.conventional(kind), work.fast(kind)
+        gflop = work.gflop(kind)
+        batch = work.cfg.batch_size
+        results.append({
+            "stage": kind,
+            "fast_img_s": round(batch / fast_s, 1),
+            "conventional_img_s": round(batch / conventional_s, 1),
+            "ratio": round(conventional_s / fast_s, 3),
+            "fast_ms_per_step": round(1e3 * fast_s, 2),
+            "conventional_ms_per_step": round(1e3 * conventional_s, 2),
+            "gflop_per_step": round(gflop, 2),
+            "fast_tflop_s": round(gflop / fast_s / 1e3, 3),
+            "loss_check": {"fast": fast_loss, "conventional": conventional_loss, "rtol": RTOL[work.cfg.amp], "ok": ok},
+        })
+    rows = []
+    for r in results:
+        check = r["loss_check"]
+        verdict = f"{check['fast']:.5f} vs {check['conventional']:.5f} {'ok' if check['ok'] else 'FAIL'}"
+        rows.append([r["stage"], r["conventional_img_s"], r["fast_img_s"], f"{r['ratio']:.2f}x",
+                     r["conventional_ms_per_step"], r["fast_ms_per_step"], r["gflop_per_step"], r["fast_tflop_s"],
+                     verdict])
+    print_table(
+        f"fast path ({describe(work.cfg)}) vs conventional (DataLoader + PIL, fp32, NCHW, eager), images/s",
+        ["stage", "conventional", "fast", "ratio", "conv ms/step", "fast ms/step", "GFLOP/step", "fast TFLOP/s",
+         f"loss check, same batch (rtol {RTOL[work.cfg.amp]:g})"],
+        rows,
+    )
+    return results
+
+
+def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, plan: Plan) -> list[dict[str, Any]]:
+    """DIH-stage epoch time against teacher depth and batch size, both paths."""
+    rows = []
+    for teacher in GROWTH_TEACHERS:
+        for batch in GROWTH_BATCHES:
+            bcfg = dataclasses.replace(cfg, batch_size=batch)
+            work = Workload.build(teacher, args.student, args.num_classes, bcfg, device, plan)
+            fast_s, conventional_s = work.fast("dih"), work.conventional("dih")
+            steps = math.ceil(EPOCH_IMAGES / batch)
+            rows.append({"teacher": teacher, "batch_size": batch, "fast_epoch_s": round(fast_s * steps, 1),
+                         "conventional_epoch_s": round(conventional_s * steps, 1),
+                         "ratio": round(conventional_s / fast_s, 3)})
+    print_table(
+        f"growth: DIH stage ({args.student} student) epoch time, extrapolated = measured step time x "
+        f"ceil({EPOCH_IMAGES} / batch) steps",
+        ["teacher", "batch", "conventional s/epoch", "fast s/epoch", "ratio"],
+        [[r["teacher"], r["batch_size"], r["conventional_epoch_s"], r["fast_epoch_s"], f"{r['ratio']:.2f}x"]
+         for r in rows],
+    )
+    return rows
+
+
+def ablation(work: Workload, kinds: list[str], base: dict[str, float]) -> list[dict[str, Any]]:
+    """The fast path with one optimisation flipped at a time: images/s with it and without it."""
+    cfg, rows = work.cfg, []
+
+    def flip(field: str) -> TrainConfig:
+        return dataclasses.replace(cfg, **{field: not getattr(cfg, field)})
+
+    for kind in kinds:
+        variants: list[tuple[str, bool, Callable[[], float]]] = [
+            ("channels_last", cfg.channels_last, partial(work.fast, kind, flip("channels_last"))),
+            ("bf16 autocast", cfg.amp, partial(work.fast, kind, flip("amp"))),
+            ("torch.compile", cfg.compile, partial(work.fast, kind, flip("compile"))),
+            ("data on the device (vs DataLoader)", True, partial(work.fast, kind, loader=True)),
+            ("no host sync per step (vs loss.item())", True, partial(work.fast, kind, sync_each_step=True)),
+        ]
+        if kind == "dih":
+            variants.append(("cohort once, inference_mode (vs heads twice)", True,
+                             partial(work.fast, kind, cohort_twice=True)))
+        if work.device.type == "cuda":
+            variants.append(("cudnn.benchmark", torch.backends.cudnn.benchmark,
+                             partial(_flipped_cudnn_benchmark, work, kind)))
+        for name, in_fast_path, measure in variants:
+            flipped = work.cfg.batch_size / measure()
+            on, off = (base[kind], flipped) if in_fast_path else (flipped, base[kind])
+            rows.append({"stage": kind, "optimisation": name, "in_fast_path": in_fast_path,
+                         "img_s_on": round(on, 1), "img_s_off": round(off, 1), "gain": round(on / off, 3)})
+    print_table(
+        f"ablation: the fast path ({describe(cfg)}) with one optimisation flipped, images/s",
+        ["stage", "optimisation", "in fast path", "on", "off", "gain on/off"],
+        [[r["stage"], r["optimisation"], "yes" if r["in_fast_path"] else "no", r["img_s_on"], r["img_s_off"],
+          f"{r['gain']:.2f}x"] for r in rows],
+    )
+    return rows
+
+
+def _flipped_cudnn_benchmark(work: Workload, kind: str) -> float:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = not previous
+    try:
+        return work.fast(kind)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = cli.Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of teacher,heads,dih")
+    p.add_argument("--teacher", default="res110", choices=MODEL_NAMES)
+    p.add_argument("--student", default="res8", choices=MODEL_NAMES)
+    p.add_argument("--num_classes", type=int, default=100)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default 20; --quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats; the median counts (default 5; --quick 3)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast, as in the stages")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile, as in the stages")
+    p.add_argument("--quick", action="store_true", help="few steps: a smoke-level measurement in minutes on a CPU")
+    p.add_argument("--growth", action="store_true", help="also epoch times for res20/56/110 x batch 64/128/256")
+    p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
+    args = p.parse_args(argv)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not args.stages or not set(args.stages) <= set(STAGES):
+        p.error(f"--stages must name some of {', '.join(STAGES)}, got {','.join(args.stages)!r}")
+    for name, quick, full in (("steps", 2, 20), ("warmup", 1, 5), ("repeats", 3, 5)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if min(args.steps, args.repeats, args.num_classes - 1) < 1 or args.warmup < 0:
+        p.error("--steps and --repeats must be at least 1, --warmup at least 0, --num_classes at least 2")
+    return args
+
+
+def engine_config(args: argparse.Namespace) -> tuple[torch.device, TrainConfig]:
+    """The device and `TrainConfig` that the stage scripts build for these flags (cli.parse decides amp,
+    compile, channels_last and cudnn.benchmark per device type)."""
+    argv = ["--batch_size", str(args.batch_size), "--amp", args.amp, "--compile", args.compile]
+    _, device, cfg = cli.parse(cli.common_parser(""), argv + (["--gpu_id", args.gpu_id] if args.gpu_id else []))
+    return device, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device, cfg = engine_config(args)
+    plan = Plan(args.warmup, args.steps, args.repeats)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    print(f"bench: {args.teacher} -> {args.student}, {args.num_classes} classes, batch {cfg.batch_size} on "
+          f"{device_name(device)}; torch {torch.__version__}; {plan.repeats} repeats x {plan.steps} steps after "
+          f"{plan.warmup} warm-up; random-init teacher and heads (BN-calibrated) on random uint8 images; "
+          f"load average {load_before:.2f}", flush=True)
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        print(f"bench.py: warning: the machine is busy (load average {load_before:.1f} on {os.cpu_count()} cores); "
+              f"CPU-side timings will be unreliable", file=sys.stderr)
+    work = Workload.build(args.teacher, args.student, args.num_classes, cfg, device, plan)
+    results = compare(work, args.stages)
+    extra: dict[str, Any] = {}
+    if args.ablation:
+        extra["ablation"] = ablation(work, args.stages, {r["stage"]: r["fast_img_s"] for r in results})
+    if args.growth:
+        extra["growth"] = growth(args, cfg, device, plan)
+    headline = next((r for r in results if r["stage"] == "dih"), results[-1])
+    failed = [r["stage"] for r in results if not r["loss_check"]["ok"]]
+    total_s, load_after = time.perf_counter() - started, os.getloadavg()[0]
+    print(f"\ntotal {total_s:.0f}s, load average {load_after:.2f}", flush=True)
+    print(json.dumps({
+        "stage": headline["stage"],
+        "device": device_name(device),
+        "batch_size": cfg.batch_size,
+        **{key: value for key, value in headline.items() if key != "stage"},
+        "teacher": args.teacher,
+        "student": args.student,
+        "num_classes": args.num_classes,
+        "amp": cfg.amp,
+        "compile": cfg.compile,
+        "channels_last": cfg.channels_last,
+        "plan": dataclasses.asdict(plan),
+        "torch": torch.__version__,
+        "total_s": round(total_s, 1),
+        "load_avg_1m": [round(load_before, 2), round(load_after, 2)],  # other work on the machine skews timings
+        "stages": {r["stage"]: {k: r[k] for k in JSON_KEYS[3:]} for r in results},
+        **extra,
+    }))
+    if failed:
+        print(f"bench.py: error: the fast and conventional losses differ for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    cli.main_guard(lambda argv: sys.exit(main(argv)))

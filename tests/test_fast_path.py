@@ -1,0 +1,172 @@
+"""The fast path computes what a plain fp32 eager NCHW step computes: loss, gradients, cohort logits.
+
+Every stage runs through the project's real step (`engine.make_train_step` on the stages of stages.py) with
+channels_last and/or bf16 autocast, and is compared with the step written out by hand below. The optimizer
+runs with lr 0, so the gradients it leaves behind belong to the weights both computations started from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_script
+from torch import Tensor
+
+import bench
+from engine import TrainConfig, make_optimizer, make_train_step
+
+NUM_CLASSES, BATCH = 10, 16
+CPU = torch.device("cpu")
+# (loss rtol, gradient relative error). fp32 differs only in summation order (measured: 0 and 1e-6). bf16 keeps
+# 8 mantissa bits: measured 3e-4 on the loss and up to 5e-2 on the gradients of a random-init res8 at batch 16.
+TOLERANCE = {False: (1e-5, 1e-4), True: (5e-3, 1e-1)}
+VARIANTS = {
+    "channels_last": {"channels_last": True},
+    "bf16": {"amp": True},
+    "channels_last+bf16": {"channels_last": True, "amp": True},
+}
+
+
+@pytest.fixture(scope="module")
+def models() -> bench.Models:
+    """A small random-init teacher (BN-calibrated), its three heads and a student."""
+    return bench.make_models("res8", "res8", NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, 3, 32, 32, generator=gen), torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
+
+
+def config(**overrides: bool) -> TrainConfig:
+    """The paper's optimiser with lr 0: the real step runs, but leaves the weights as they were."""
+    return TrainConfig(epochs=1, batch_size=BATCH, lr=0.0, momentum=0.9, wd=5e-4, nesterov=True, schedule=(),
+                       gamma=0.1, seed=0, **overrides)
+
+
+def fast(kind: str, models: bench.Models, x: Tensor, y: Tensor, cfg: TrainConfig) -> tuple[float, dict[str, Tensor]]:
+    """Loss and gradients from the project's step for stage `kind`."""
+    stage = bench.fast_stage(kind, models, cfg, CPU)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    loss, _ = make_train_step(stage, make_optimizer(stage, cfg), cfg)(x.contiguous(memory_format=memory_format), y)
+    return loss.item(), {name: p.grad for name, p in stage.trainable.named_parameters()}
+
+
+def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor) -> tuple[float, dict[str, Tensor]]:
+    """The same step written out plainly: fp32, NCHW, eager, the cohort loss of SPEC section 1 member by member."""
+    teacher, heads, student = (copy.deepcopy(m) for m in (models.teacher, models.heads, models.student))
+    if kind == "teacher":
+        trainable = teacher.train()
+        loss = F.cross_entropy(teacher(x), y)
+    else:
+        teacher.eval()
+        with torch.no_grad():
+            final, features = teacher.forward_taps(x)
+        if kind == "heads":
+            trainable = heads
+            loss = sum(F.cross_entropy(head(f.flatten(1)), y) for head, f in zip(heads.heads, features, strict=True))
+        else:
+            with torch.no_grad():
+                cohort = [final, *(head(f.flatten(1)) for head, f in zip(heads.heads, features, strict=True))]
+            trainable = student.train()
+            logits, tau, alpha = student(x), bench.TEMPERATURE, bench.ALPHA
+            log_q = F.log_softmax(logits / tau, 1)
+            loss = sum(
+                (1 - alpha) * F.cross_entropy(logits, y)
+                + alpha * tau**2 * F.kl_div(log_q, F.softmax(h / tau, 1), reduction="batchmean")
+                for h in cohort
+            )
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in trainable.named_parameters()}
+
+
+def relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
+    """‖got − want‖ / ‖want‖ over all gradients together (the direction SGD takes)."""
+    assert got.keys() == want.keys()
+    diff = sum(((got[k].float() - want[k]) ** 2).sum() for k in want)
+    return float((diff / sum((w**2).sum() for w in want.values())).sqrt())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", bench.STAGES)
+def test_fast_step_equals_plain_fp32_step(kind, variant, models, batch):
+    cfg = config(**VARIANTS[variant])
+    loss, grads = fast(kind, models, *batch, cfg)
+    want_loss, want_grads = reference(kind, models, *batch)
+    loss_rtol, grad_rtol = TOLERANCE[cfg.amp]
+    assert loss == pytest.approx(want_loss, rel=loss_rtol)
+    assert relative_error(grads, want_grads) < grad_rtol
+
+
+def test_compiled_step_equals_plain_fp32_step(models, batch):
+    """torch.compile (inductor, C++ on the CPU) on the teacher stage: ~20 s to compile cold on 2 cores, then cached."""
+    loss, grads = fast("teacher", models, *batch, config(compile=True))
+    want_loss, want_grads = reference("teacher", models, *batch)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert relative_error(grads, want_grads) < 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, channels_last):
+    """One teacher pass under inference mode gives the logits of teacher(x) and of each head on its own features."""
+    stage = bench.fast_stage("dih", models, config(channels_last=channels_last), CPU)
+    x = batch[0].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    once = stage.cohort(x)
+    assert all(logits.is_inference() for logits in once)
+
+    teacher, heads = copy.deepcopy(models.teacher).eval(), copy.deepcopy(models.heads)
+    features: list[Tensor] = []
+    with torch.no_grad():
+        final = teacher(batch[0])
+        hooks = [teacher.get_submodule(name).register_forward_hook(lambda _m, _i, out: features.append(out))
+                 for name in teacher.tap_names]
+        teacher(batch[0])  # a second, separate pass for the features
+        for hook in hooks:
+            hook.remove()
+        separately = [final, *(head(f.flatten(1)) for head, f in zip(heads.heads, features, strict=True))]
+    assert len(once) == len(separately) == 1 + len(teacher.tap_names)
+    for got, want in zip(once, separately, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "channels_last+bf16"])
+@pytest.mark.parametrize("kind", bench.STAGES)
+def test_bench_paths_agree_on_a_batch(kind, variant):
+    """bench.py's own check: its conventional foil and the fast path give one batch the same loss."""
+    cfg = config(**VARIANTS.get(variant, {}))
+    work = bench.Workload.build("res8", "res8", NUM_CLASSES, cfg, CPU, bench.Plan(warmup=0, steps=1, repeats=1))
+    fast_loss, conventional_loss, ok = work.check(kind)
+    assert ok, (fast_loss, conventional_loss)
+
+
+def test_bench_runs_and_ends_with_the_json_line():
+    """The tiny end-to-end run: a table, then one JSON line with the keys the issue names."""
+    result = run_script("bench.py", "--gpu_id", "cpu", "--stages", "dih", "--teacher", "res8", "--student", "res8",
+                        "--num_classes", str(NUM_CLASSES), "--batch_size", str(BATCH),
+                        "--steps", "1", "--warmup", "1", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(bench.JSON_KEYS) <= set(record)
+    assert record["stage"] == "dih" and record["batch_size"] == BATCH and record["device"].startswith("cpu")
+    assert record["fast_img_s"] > 0 and record["conventional_img_s"] > 0
+    assert record["ratio"] == pytest.approx(record["fast_img_s"] / record["conventional_img_s"], rel=5e-2)
+    assert record["loss_check"]["ok"]
+
+
+def test_bench_fails_when_the_paths_disagree(monkeypatch, capsys):
+    real = bench.conventional_step
+
+    def off_by_one(*args):
+        step = real(*args)
+        return lambda x, y: step(x, y) + 1.0
+
+    monkeypatch.setattr(bench, "conventional_step", off_by_one)
+    argv = ["--gpu_id", "cpu", "--stages", "heads", "--teacher", "res8", "--num_classes", str(NUM_CLASSES),
+            "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1"]
+    assert bench.main(argv) == 1
+    assert "losses differ for heads" in capsys.readouterr().err

@@ -1,0 +1,188 @@
+"""reproduce.py: the sweep's dependency graph on tiny runs, the aggregate, the dry run, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, assert_clean_failure, run_script
+
+import reproduce
+from utils import UserError
+
+
+def tiny_sweep(npz: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["--dataset", str(npz), "--teachers", "res8", "--students", "res8", "--seeds", "30", "--epochs", "1",
+            "--runs_dir", str(tmp / "runs"), "--results_dir", str(tmp / "results"), *extra]
+
+
+def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny_npz, tmp_path):
+    argv = tiny_sweep(tiny_npz, tmp_path, "--methods", "ce", "kd", "dih")
+    first = reproduce.main(argv)
+    labels = [node.label for node in first.launched]
+    assert not first.failed and not first.skipped
+    assert labels == ["teacher res8 seed 30", "heads res8 seed 30", "ce student res8 seed 30",
+                      "kd student res8 <- res8 seed 30", "dih student res8 <- res8 seed 30"]
+    teacher_dir = tmp_path / "runs" / "tiny" / "teacher-res8-seed30"
+    assert (teacher_dir / "log.txt").read_text().count("stage 1:") == 1  # one process trained it, for both students
+    assert len((teacher_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    out = tmp_path / "results" / "custom"
+    assert {"results.md", "results.csv", "curves.png", "bars.png"} <= {p.name for p in out.iterdir()}
+    assert "| res8 | res8 |" in first.table
+
+    started = time.perf_counter()
+    second = reproduce.main(argv)
+    assert second.launched == [] and time.perf_counter() - started < 20
+    assert second.table == first.table
+
+    kd_dir = tmp_path / "runs" / "tiny" / "student-res8-kd-res8-a0.1-t5-seed30"
+    (kd_dir / "summary.json").unlink()
+    third = reproduce.main(argv)
+    assert [node.out_dir for node in third.launched] == [kd_dir] and not third.failed
+    assert (kd_dir / "summary.json").exists()
+
+
+def test_a_failed_run_skips_its_dependents_and_the_others_go_on(tiny_npz, tmp_path):
+    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(tiny_sweep(tiny_npz, tmp_path)))
+    nodes = reproduce.build_graph(sweep)
+    heads = next(node for node in nodes if node.label.startswith("heads"))
+    heads.argv = [sys.executable, "-c", "import sys; sys.exit('heads broke')"]
+    for node in nodes:  # everything but the graph's bookkeeping is faked: no training here
+        if node is not heads:
+            node.argv = [sys.executable, "-c", f"import json; open({str(node.out_dir / 'summary.json')!r}, 'w')"
+                                               f".write(json.dumps({{'final_test_acc': 1.0}}))"]
+    lines: list[str] = []
+    outcome = reproduce.execute(nodes, sweep.dataset, 2, [None], log=lines.append)
+    assert outcome.failed == [heads]
+    assert [node.label for node in outcome.skipped] == ["dih student res8 <- res8 seed 30"]
+    assert len(outcome.launched) == 4  # teacher, heads, CE and KD students
+    failure = next(i for i, line in enumerate(lines) if line.startswith("FAILED"))
+    assert shlex.join(heads.argv) in lines[failure] and "heads broke" in lines[failure + 1]
+
+
+def write_run(out_dir: Path, accs: list[float], **summary) -> None:
+    """A fake finished run: metrics.jsonl with these test accuracies by epoch and the matching summary."""
+    out_dir.mkdir(parents=True)
+    out_dir.joinpath("metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "test_acc": a}) + "\n"
+                                                         for i, a in enumerate(accs)))
+    summary = {"final_test_acc": accs[-1], "best_test_acc": max(accs), **summary}
+    out_dir.joinpath("summary.json").write_text(json.dumps(summary))
+
+
+def test_the_aggregate_is_the_mean_and_sample_std_over_seeds(tmp_path):
+    argv = ["--dataset", "synthetic", "--teachers", "res20", "--seeds", "30", "50", "67",
+            "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
+    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
+    teacher, ce, kd = [70.0, 72.5, 71.0], [50.0, 54.0, 53.0], [55.0, 56.5, 60.25]
+    for i, seed in enumerate(sweep.seeds):
+        write_run(sweep.teacher_dir("res20", seed), [60.0, teacher[i]])
+        write_run(sweep.heads_dir("res20", seed), [40.0, 41.0],
+                  heads=[{"tap": "layer1", "final_test_acc": 30.0 + i}, {"tap": "layer3", "final_test_acc": 65.0}])
+        write_run(sweep.student_dir("res8", "ce", "res20", seed), [52.0, ce[i]])
+        write_run(sweep.student_dir("res8", "kd", "res20", seed), [58.0, kd[i]])
+    write_run(sweep.student_dir("res8", "dih", "res20", 50), [61.0, 57.0])  # one seed of three
+
+    table = reproduce.report(sweep)
+    (row,) = reproduce.aggregate(sweep)
+    assert row["teacher acc"].mean == statistics.mean(teacher) and row["teacher acc"].std == statistics.stdev(teacher)
+    assert row["CE"].mean == statistics.mean(ce) and row["CE"].std == pytest.approx(statistics.stdev(ce))
+    # By hand: mean 57.25, deviations -2.25, -0.75, 3; sqrt((5.0625 + 0.5625 + 9) / (3 - 1)) = 2.7042
+    assert row["KD"].values == tuple(kd) and row["KD"].std == pytest.approx(2.7042, abs=1e-4)
+    assert row["DIH"].values == (57.0,) and row["DIH"].std is None
+    assert row["head layer1"].mean == 31.0 and row["head layer3"].n == 3
+    assert row["KD best epoch"].values == (58.0, 58.0, 60.25)  # the best epoch, never the headline
+
+    assert f"| {statistics.mean(kd):.2f} ± {statistics.stdev(kd):.2f} (n=3) |" in table
+    assert "| 57.00 (n=1) |" in table and "| 61.00 (n=1) |" in table
+    out = sweep.results_dir / "custom"
+    assert (out / "results.md").read_text() == table
+    (csv_row,) = csv.DictReader((out / "results.csv").open())
+    assert float(csv_row["KD mean"]) == pytest.approx(statistics.mean(kd)) and csv_row["KD n"] == "3"
+    assert csv_row["DIH std"] == "" and csv_row["DIH n"] == "1"
+    assert (out / "curves.png").stat().st_size > 0 and (out / "bars.png").stat().st_size > 0
+
+
+def test_missing_runs_show_as_a_dash(tmp_path):
+    argv = ["--teachers", "res20", "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "res")]
+    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
+    assert "| res20 | res8 | — | — | — | — |" in reproduce.report(sweep)
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path):
+    argv = ["--teachers", "res20", "--epochs", "5", "--runs_dir", str(tmp_path)]
+    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
+    teacher = reproduce.build_graph(sweep)[0]
+    write_run(teacher.out_dir, [10.0], **teacher.expect, dataset="cifar100")
+    assert reproduce.is_finished(teacher, "cifar100")
+    teacher.out_dir.joinpath("summary.json").write_text(json.dumps({**teacher.expect, "epochs": 3,
+                                                                    "dataset": "cifar100"}))
+    with pytest.raises(UserError, match="epochs=3, this sweep asks for 5"):
+        reproduce.is_finished(teacher, "cifar100")
+
+
+def test_dry_run_of_paper_cifar100_lists_every_stage_command(capsys):
+    reproduce.main(["--preset", "paper-cifar100", "--dry_run"])
+    printed = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+
+    teachers = ["res14", "res20", "res32", "res56", "res110", "res18", "res34", "vgg11", "wrn_28_2"]
+    seeds = [30, 50, 67]
+
+    def command(script: str, *flags: str, seed: int, out: str) -> list[str]:
+        return [sys.executable, str(ROOT / script), *flags, "--dataset", "cifar100", "--data_dir", "./data",
+                "--seed", str(seed), "--epochs", "200", "--batch_size", "64", "--lr", "0.1", "--momentum", "0.9",
+                "--wd", "0.0005", "--nesterov", "--schedule", "60", "120", "180", "--gamma", "0.1",
+                "--out_dir", f"runs/cifar100/{out}-seed{seed}", "--resume"]
+
+    def ckpts(t: str, seed: int) -> list[str]:
+        return ["--teacher", t, "--teacher_ckpt", f"runs/cifar100/teacher-{t}-seed{seed}/teacher.pt"]
+
+    expected = [command("train_teacher.py", "--model", t, seed=s, out=f"teacher-{t}") for t in teachers for s in seeds]
+    expected += [command("train_heads.py", *ckpts(t, s), seed=s, out=f"heads-{t}") for t in teachers for s in seeds]
+    expected += [command("test_dih.py", "--student", "res8", "--method", "ce", seed=s, out="student-res8-ce")
+                 for s in seeds]
+    expected += [command("test_dih.py", "--student", "res8", "--method", "kd", *ckpts(t, s), "--alpha", "0.1",
+                         "--temperature", "5.0", seed=s, out=f"student-res8-kd-{t}-a0.1-t5")
+                 for t in teachers for s in seeds]
+    expected += [command("test_dih.py", "--student", "res8", "--method", "dih", *ckpts(t, s), "--heads_ckpt",
+                         f"runs/cifar100/heads-{t}-seed{s}/heads.pt", "--alpha", "0.1", "--temperature", "5.0",
+                         seed=s, out=f"student-res8-dih-{t}-a0.1-t5")
+                 for t in teachers for s in seeds]
+    assert len(expected) == 9 * 3 + 9 * 3 + (9 * 2 + 1) * 3 == 111
+    assert printed == expected
+
+
+def test_flags_override_the_preset_and_ce_is_shared_by_every_teacher():
+    argv = ["--preset", "paper-cifar10", "--teachers", "res20", "res56", "--seeds", "1", "--epochs", "3"]
+    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
+    assert (sweep.dataset, sweep.epochs, sweep.teacher_epochs, sweep.lr) == ("cifar10", 3, 3, 0.1)
+    students = [node for node in reproduce.build_graph(sweep) if "student" in node.label]
+    assert [node.label for node in students] == [
+        "ce student res8 seed 1", "kd student res8 <- res20 seed 1", "kd student res8 <- res56 seed 1",
+        "dih student res8 <- res20 seed 1", "dih student res8 <- res56 seed 1"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--preset", "demo", "--teachers", "res9000"], "unknown model 'res9000'"),
+    (["--dataset", "synthetic"], "the grid is empty"),
+    (["--preset", "demo", "--gpus", "0,,1"], "--gpus"),
+    (["--preset", "demo", "--gpus", "99"], "names GPU 99"),
+    (["--preset", "demo", "--jobs", "0"], "--jobs must be at least 1"),
+    (["--preset", "demo", "--alpha", "2"], "--alpha must be in [0, 1]"),
+])
+def test_bad_input_is_a_user_error(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        reproduce.main([*argv, "--dry_run"])
+
+
+def test_bad_input_is_one_line_on_stderr():
+    assert_clean_failure(run_script("reproduce.py", "--preset", "nope"), "invalid choice", "nope")
+    result = run_script("reproduce.py", "--teachers", "res9000", "--dry_run")
+    assert result.returncode == 2
+    assert_clean_failure(result, "unknown model 'res9000'", "res110")
