@@ -101,7 +101,7 @@ def stored_args(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in vars(args).items() if isinstance(value, plain)}
 
 
-def main_guard(main: Callable[[list[str] | None], Any]) -> None:
+def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "rerun with --resume to continue") -> None:
     """Run a script's main; turn user errors into one line on stderr and exit 2, never a traceback."""
     try:
         main(None)
@@ -109,7 +109,7 @@ def main_guard(main: Callable[[list[str] | None], Any]) -> None:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{Path(sys.argv[0]).name}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: interrupted; {resume_hint}", file=sys.stderr)
         sys.exit(130)
     except torch.OutOfMemoryError:
         print(f"{Path(sys.argv[0]).name}: error: out of GPU memory; try a smaller --batch_size", file=sys.stderr)

@@ -126,11 +126,10 @@ def fit(
     if summary_path.exists() or resume_path.exists():
         if not resume:
             raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            log(f"{out_dir} is already finished; nothing to do")
-            return summary
         history = _restore(resume_path, stage, optimizer, generator, args)
+        if summary_path.exists():
+            log(f"{out_dir} is already finished; nothing to do")
+            return json.loads(summary_path.read_text())
         log(f"resuming {out_dir} after epoch {history[-1]['epoch']}")
 
     train_step = make_train_step(stage, optimizer, cfg)

@@ -16,7 +16,9 @@ crash finishes the table, and otherwise costs seconds. The table and plots go to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -25,13 +27,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import cli
-from data import BUILTIN, DataError, dataset_tag
+from data import BUILTIN, dataset_tag
 from models import MODEL_NAMES
 from utils import UserError, atomic_write_text, parse_schedule, resolve_device
 
@@ -176,10 +178,7 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
     unknown = [m for m in values["teachers"] + values["students"] if m not in MODEL_NAMES]
     if unknown:
         raise UserError(f"unknown model {unknown[0]!r}; choose from: {', '.join(MODEL_NAMES)}")
-    try:
-        dataset_tag(values["dataset"])
-    except DataError as err:
-        raise UserError(str(err)) from None
+    dataset_tag(values["dataset"])  # an unknown dataset is a DataError, itself a UserError
     values["schedule"] = parse_schedule([str(m) for m in values["schedule"]])
     for key in ("teacher_epochs", "heads_epochs"):
         values[key] = values["epochs"] if values[key] is None else values[key]
@@ -358,6 +357,18 @@ def execute(
             process.terminate()
             process.wait()
     return outcome
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """One sweep at a time per dataset folder: two would train a shared run into the same folder at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".reproduce.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another reproduce.py is running in {folder}; let it finish first") from None
+        yield
 
 
 def launch(node: Node, gpu: str | None, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
@@ -543,6 +554,7 @@ def report(sweep: Sweep) -> str:
 
 
 def main(argv: list[str] | None = None) -> Outcome:
+    """Run (or, with --dry_run, list) the sweep, then tabulate it; the outcome lets tests look inside."""
     args = build_parser().parse_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
@@ -552,7 +564,8 @@ def main(argv: list[str] | None = None) -> Outcome:
     if args.dry_run:
         print("\n".join(shlex.join(node.argv) for node in nodes))
         return Outcome(nodes)
-    outcome = execute(nodes, sweep.dataset, args.jobs, gpus)
+    with exclusive(sweep.runs_dir / dataset_tag(sweep.dataset)):
+        outcome = execute(nodes, sweep.dataset, args.jobs, gpus)
     outcome.table = report(sweep)
     print(f"\n{outcome.table}\nwritten to {sweep.results_dir / sweep.name}: results.md results.csv curves.png bars.png")
     if outcome.failed or outcome.skipped:
@@ -562,4 +575,4 @@ def main(argv: list[str] | None = None) -> Outcome:
 
 
 if __name__ == "__main__":
-    cli.main_guard(lambda argv: sys.exit(1 if main(argv).failed else 0))
+    cli.main_guard(lambda argv: sys.exit(1 if main(argv).failed else 0), "rerun the same command to continue")

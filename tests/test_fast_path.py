@@ -134,13 +134,19 @@ def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, chan
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def workloads() -> dict[str, bench.Workload]:
+    plan = bench.Plan(warmup=0, steps=1, repeats=1)
+    return {variant: bench.Workload.build("res8", "res8", NUM_CLASSES, config(**VARIANTS.get(variant, {})), CPU, plan)
+            for variant in ("fp32", "channels_last+bf16")}
+
+
 @pytest.mark.parametrize("variant", ["fp32", "channels_last+bf16"])
 @pytest.mark.parametrize("kind", bench.STAGES)
-def test_bench_paths_agree_on_a_batch(kind, variant):
+def test_bench_paths_agree_on_a_batch(kind, variant, workloads):
     """bench.py's own check: its conventional foil and the fast path give one batch the same loss."""
-    cfg = config(**VARIANTS.get(variant, {}))
-    work = bench.Workload.build("res8", "res8", NUM_CLASSES, cfg, CPU, bench.Plan(warmup=0, steps=1, repeats=1))
-    fast_loss, conventional_loss, ok = work.check(kind)
+    work = workloads[variant]
+    fast_loss, conventional_loss, ok = work.check(work.fast_step(kind), work.conventional_step(kind))
     assert ok, (fast_loss, conventional_loss)
 
 

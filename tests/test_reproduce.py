@@ -186,3 +186,8 @@ def test_bad_input_is_one_line_on_stderr():
     result = run_script("reproduce.py", "--teachers", "res9000", "--dry_run")
     assert result.returncode == 2
     assert_clean_failure(result, "unknown model 'res9000'", "res110")
+
+
+def test_a_second_sweep_on_the_same_runs_is_refused(tmp_path):
+    with reproduce.exclusive(tmp_path / "synthetic"), pytest.raises(UserError, match="another reproduce.py"):
+        reproduce.main(["--preset", "demo", "--runs_dir", str(tmp_path)])
