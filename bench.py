@@ -403,6 +403,7 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def describe(cfg: TrainConfig) -> str:
+    """The fast path's settings in words, for table titles."""
     return (f"{'bf16 autocast' if cfg.amp else 'fp32'}, {'channels_last' if cfg.channels_last else 'NCHW'}, "
             f"{'torch.compile' if cfg.compile else 'eager'}")
 
@@ -513,19 +514,21 @@ def _flipped_cudnn_benchmark(work: Workload, kind: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of teacher,heads,dih")
-    p.add_argument("--teacher", default="res110", choices=MODEL_NAMES)
-    p.add_argument("--student", default="res8", choices=MODEL_NAMES)
-    p.add_argument("--num_classes", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--stages", default=",".join(STAGES), help="some of teacher,heads,dih (default: all)")
+    p.add_argument("--teacher", default="res110", choices=MODEL_NAMES, metavar="MODEL", help="default: res110")
+    p.add_argument("--student", default="res8", choices=MODEL_NAMES, metavar="MODEL", help="default: res8")
+    p.add_argument("--num_classes", type=int, default=100, help="default: 100, as CIFAR-100")
+    p.add_argument("--batch_size", type=int, default=64, help="default: 64, the paper's")
     p.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default 20; --quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats; the median counts (default 5; --quick 3)")
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast, as in the stages")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile, as in the stages")
-    p.add_argument("--quick", action="store_true", help="few steps: a smoke-level measurement in minutes on a CPU")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast (default auto: what the stage scripts choose for the device)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile (default auto: what the stage scripts choose for the device)")
+    p.add_argument("--quick", action="store_true", help="few steps: about 30 s on 2 quiet CPU cores")
     p.add_argument("--growth", action="store_true", help="also epoch times for res20/56/110 x batch 64/128/256")
     p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
     args = p.parse_args(argv)
