@@ -46,11 +46,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import cli
-from data import CIFAR_SOURCES, DeviceDataset, test_batches, train_batches
-from engine import Stage, TrainConfig, make_optimizer, make_train_step
+from data import CIFAR_SOURCES, Batch, DeviceDataset, test_batches, train_batches
+from engine import Stage, TrainConfig, make_optimizer, make_train_step, trainable_parameters
 from heads import IntermediateHeads, heads_for
+from methods import Setup
+from methods.dih import CohortDistillation
 from models import MODEL_NAMES, TapModel, build_model
-from stages import Distillation, HeadsTraining, Supervised
+from stages import HeadsTraining, TeacherTraining
 
 STAGES = ("teacher", "heads", "dih")
 ALPHA, TEMPERATURE = 0.1, 5.0  # the paper's defaults
@@ -147,7 +149,7 @@ def device_name(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------- the fast path
 
 
-class CohortTwice(Distillation):
+class CohortTwice(CohortDistillation):
     """Ablation only: the cohort as the original code evaluated it, under no_grad and every head twice.
 
     (Under torch.compile the unused first evaluation is optimised away.)
@@ -155,7 +157,7 @@ class CohortTwice(Distillation):
 
     def cohort(self, x: Tensor) -> list[Tensor]:
         with torch.no_grad():
-            final, features = self.teacher.forward_taps(x)
+            final, features, _ = self.teacher.forward_features(x)
             for _ in range(2):  # the original computed every head's logits twice per step (SPEC section 2)
                 head_logits = self.heads(features)
             return [final, *head_logits]
@@ -165,27 +167,28 @@ def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device
     """The project's stage object for `kind`, on copies of the initial weights."""
     teacher = place(models.teacher, device, cfg.channels_last)
     if kind == "teacher":
-        return Supervised(teacher.train(), models.teacher_name)
+        return TeacherTraining(teacher.train(), models.teacher_name)
     heads = place(models.heads, device, cfg.channels_last)
     if kind == "heads":
         return HeadsTraining(teacher, heads, {"model": models.teacher_name})
     student = place(models.student, device, cfg.channels_last)
-    distillation = CohortTwice if cohort_twice else Distillation
-    return distillation(student, teacher, heads, ALPHA, TEMPERATURE, "sum", extra={})
+    distillation = CohortTwice if cohort_twice else CohortDistillation
+    hyper = {"alpha": ALPHA, "temperature": TEMPERATURE, "cohort_reduction": "sum"}
+    return distillation(Setup(student, teacher.eval().requires_grad_(False), hyper, data=None, meta={}, heads=heads))
 
 
 def fast_step(stage: Stage, cfg: TrainConfig, sync_each_step: bool = False) -> Step:
     """What `engine.fit` does per batch: the engine's train step, metrics accumulated on the device."""
     if cfg.compile:  # every measurement compiles afresh: dynamo's per-function cache would otherwise fill up
         torch._dynamo.reset()  # after 8 models and silently fall back to eager
-    train_step = make_train_step(stage, make_optimizer(stage, cfg), cfg)
+    train_step = make_train_step(stage.training_step, make_optimizer(trainable_parameters(stage.trainable), cfg), cfg)
     stage.trainable.train()
     device = next(stage.trainable.parameters()).device
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
 
-    def step(x: Tensor, y: Tensor) -> Tensor:
+    def step(x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
         nonlocal loss_sum, correct
-        loss, batch_correct = train_step(x, y)
+        loss, batch_correct = train_step(Batch(x, y, index))
         loss_sum += loss * y.numel()
         correct += batch_correct
         if sync_each_step:  # ablation: what a per-step loss.item() costs
@@ -253,11 +256,11 @@ def conventional_step(kind: str, models: Models, cfg: TrainConfig, device: torch
             return F.cross_entropy(logits, y), logits
         if kind == "heads":
             with torch.no_grad():
-                _, features = teacher.forward_taps(x)
+                features = teacher.forward_features(x).taps
             outputs = [head(f.flatten(1)) for head, f in zip(heads, features, strict=True)]
             return sum(F.cross_entropy(out, y) for out in outputs), outputs[-1]
         with torch.no_grad():
-            final, features = teacher.forward_taps(x)
+            final, features, _ = teacher.forward_features(x)
             for _ in range(2):  # the original computed every head's logits twice per step (SPEC section 2)
                 head_logits = [head(f.flatten(1)) for head, f in zip(heads, features, strict=True)]
             cohort = [final, *head_logits]
@@ -386,7 +389,7 @@ class Workload:
         x = torch.empty(cfg.batch_size, 3, 32, 32, device=meta)
         y = torch.zeros(cfg.batch_size, dtype=torch.int64, device=meta)
         with FlopCounterMode(display=False) as counter:
-            stage.training_step(x, y)[0].backward()
+            stage.training_step(Batch(x, y, None))[0].backward()
         return counter.get_total_flops() / 1e9
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from utils import UserError, atomic_torch_save, fingerprint
 
 FORMAT = "dih-checkpoint/1"
-KINDS = ("teacher", "heads", "student", "resume")
+KINDS = ("teacher", "heads", "student", "extras", "resume")
 
 
 def save_checkpoint(path: str | Path, kind: str, state_dict: dict[str, torch.Tensor], **meta: Any) -> None:
@@ -29,11 +29,11 @@ def save_checkpoint(path: str | Path, kind: str, state_dict: dict[str, torch.Ten
     atomic_torch_save({"format": FORMAT, "kind": kind, **meta, "state_dict": weights}, path)
 
 
-def load_checkpoint(path: str | Path, kind: str, flag: str) -> dict[str, Any]:
-    """Load a checkpoint of the given kind; `flag` names where the path came from, for messages."""
+def load_checkpoint(path: str | Path, kind: str | tuple[str, ...], flag: str, hint: str = "") -> dict[str, Any]:
+    """Load a checkpoint of the given kind(s); `flag` names where the path came from, `hint` how to make it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{flag}: no checkpoint at {path}")
+        raise UserError(f"{flag}: no checkpoint at {path}" + (f"; {hint}" if hint else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
@@ -41,8 +41,10 @@ def load_checkpoint(path: str | Path, kind: str, flag: str) -> dict[str, Any]:
         raise UserError(f"{flag}: {path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
         raise UserError(f"{flag}: {path} is not a checkpoint written by this project")
-    if ckpt["kind"] != kind:
-        raise UserError(f"{flag}: {path} holds {ckpt['kind']} weights, but {kind} weights are needed here")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if ckpt["kind"] not in kinds:
+        wanted = " or ".join(kinds)
+        raise UserError(f"{flag}: {path} holds {ckpt['kind']} weights, but {wanted} weights are needed here")
     return ckpt
 
 

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import torch
 
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
-from data import DeviceDataset, dataset_tag, load_dataset
+from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_dataset
 from engine import TrainConfig
 from heads import IntermediateHeads
 from models import TapModel, build_model
@@ -44,6 +44,8 @@ def common_parser(description: str) -> Parser:
     p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
     p.add_argument("--out_dir", default=None, help="output folder (default: derived from dataset, models and seed)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir (a finished run is kept)")
+    p.add_argument("--pad_mode", choices=PAD_MODES, default=DEFAULT_PAD_MODE,
+                   help="padding of the random crop: zeros (torchvision's default, the authors' code) or reflect")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast (auto: on for CUDA, off for the CPU)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -79,6 +81,7 @@ def parse(parser: Parser, argv: list[str] | None) -> tuple[argparse.Namespace, t
         amp=args.amp == "on" or (args.amp == "auto" and on_cuda),
         compile=args.compile == "on",
         channels_last=on_cuda,
+        pad_mode=args.pad_mode,
     )
     if on_cuda:
         torch.backends.cudnn.benchmark = True
@@ -139,29 +142,54 @@ def print_model_summary(model: torch.nn.Module, device: torch.device) -> None:
     summary(model, (3, 32, 32), device=device.type)
 
 
-def load_teacher(args: argparse.Namespace, data: DeviceDataset, device: torch.device, cfg: TrainConfig):
-    """The frozen stage-1 teacher named by --teacher (from --teacher_ckpt or its default place) and its identity."""
-    tag = dataset_tag(args.dataset)
-    path = args.teacher_ckpt or default_dir(tag, f"teacher-{args.teacher}", args.seed) / "teacher.pt"
-    ckpt = load_checkpoint(path, "teacher", "--teacher_ckpt")
-    expect_match(ckpt, "--teacher_ckpt", model=args.teacher, num_classes=data.num_classes, dataset=data.name)
-    teacher = build(args.teacher, data.num_classes, device, cfg.channels_last)
+def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None) -> dict[str, Any]:
+    """The checkpoint of teacher `name`: --teacher_ckpt, or stage 1's default place. Read before any data is.
+
+    Any trained model serves as a teacher: a stage-1 teacher.pt or any method's student.pt (TAKD's
+    assistant is one). `variant="tofd"` asks for a TOFD teacher (trained with its auxiliary classifiers).
+    """
+    folder = f"teacher-{name}" + (f"-{variant}" if variant else "")
+    path = Path(args.teacher_ckpt or default_dir(dataset_tag(args.dataset), folder, args.seed) / "teacher.pt")
+    command = (f"python3 train_teacher.py --model {name}{' --tofd' if variant else ''} --dataset {args.dataset} "
+               f"--seed {args.seed}")
+    ckpt = load_checkpoint(path, ("teacher", "student"), "--teacher_ckpt", hint=f"train it with: {command}")
+    if ckpt.get("variant") != variant:
+        have = ckpt.get("variant") or "plain"
+        raise UserError(f"--teacher_ckpt: {path} holds a {have} teacher, but this run needs a {variant or 'plain'} "
+                        f"one; train it with: {command}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: torch.device, cfg: TrainConfig):
+    """The frozen teacher from `read_teacher`'s checkpoint, checked against the data; and its identity."""
+    expect_match(ckpt, "--teacher_ckpt", model=name, num_classes=data.num_classes, dataset=data.name)
+    teacher = build(name, data.num_classes, device, cfg.channels_last)
     load_weights(teacher, ckpt, "--teacher_ckpt")
     if model_fingerprint(teacher) != ckpt["fingerprint"]:
-        raise UserError(f"--teacher_ckpt: the weights in {path} do not match their recorded fingerprint (corrupt?)")
+        raise UserError(f"--teacher_ckpt: the weights in {ckpt['path']} do not match their recorded fingerprint "
+                        "(corrupt?)")
     return teacher.eval().requires_grad_(False), identity(ckpt)
 
 
-def load_heads(args: argparse.Namespace, teacher_identity: dict[str, Any], device: torch.device) -> IntermediateHeads:
-    """The stage-2 heads (from --heads_ckpt or their default place), refused unless made for this very teacher."""
-    tag = dataset_tag(args.dataset)
-    path = args.heads_ckpt or default_dir(tag, f"heads-{args.teacher}", args.seed) / "heads.pt"
-    ckpt = load_checkpoint(path, "heads", "--heads_ckpt")
+def read_heads(args: argparse.Namespace) -> dict[str, Any]:
+    """The stage-2 heads checkpoint (--heads_ckpt or its default place), read before any data is."""
+    path = Path(args.heads_ckpt or default_dir(dataset_tag(args.dataset), f"heads-{args.teacher}", args.seed)
+                / "heads.pt")
+    command = f"python3 train_heads.py --teacher {args.teacher} --dataset {args.dataset} --seed {args.seed}"
+    ckpt = load_checkpoint(path, "heads", "--heads_ckpt", hint=f"train them with: {command}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def build_heads(ckpt: dict[str, Any], teacher_identity: dict[str, Any], device: torch.device) -> IntermediateHeads:
+    """The frozen stage-2 heads from `read_heads`'s checkpoint, refused unless made for this very teacher."""
     if ckpt["teacher"] != teacher_identity:
         mismatch = next(k for k in teacher_identity if ckpt["teacher"].get(k) != teacher_identity[k])
         raise UserError(
-            f"--heads_ckpt: {path} was trained on another teacher ({mismatch} {ckpt['teacher'].get(mismatch)!r}, "
-            f"this teacher has {teacher_identity[mismatch]!r}); run train_heads.py for this teacher"
+            f"--heads_ckpt: {ckpt['path']} was trained on another teacher ({mismatch} "
+            f"{ckpt['teacher'].get(mismatch)!r}, this teacher has {teacher_identity[mismatch]!r}); "
+            "run train_heads.py for this teacher"
         )
     heads = IntermediateHeads([(name, tuple(shape)) for name, shape in ckpt["taps"]], ckpt["num_classes"])
     load_weights(heads, ckpt, "--heads_ckpt")

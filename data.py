@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +62,11 @@ class DeviceDataset:
     y_test: Tensor
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images, in pixels."""
+        return self.x_train.shape[-1]
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
@@ -520,44 +526,64 @@ def load_dataset(
 # -------------------------------------------------------------------------------------------- batches
 
 
-def _reflect_table(size: int, pad: int, device: torch.device) -> Tensor:
-    """Index into an unpadded axis for each position of its reflect-padded version (np.pad 'reflect')."""
-    i = torch.arange(-pad, size + pad, device=device).abs()
+PAD_MODES = ("zeros", "reflect")
+DEFAULT_PAD_MODE = "zeros"  # torchvision's RandomCrop default, which the DIH authors' code used
+
+
+def _pad_table(size: int, pad: int, mode: str, device: torch.device) -> Tensor:
+    """Index into an unpadded axis for each position of its padded version; -1 where zero padding shows.
+
+    "reflect" mirrors without repeating the edge (np.pad's "reflect", torchvision's padding_mode="reflect").
+    """
+    if mode not in PAD_MODES:
+        raise DataError(f"unknown pad mode {mode!r}: choose {' or '.join(PAD_MODES)}")
+    i = torch.arange(-pad, size + pad, device=device)
+    if mode == "zeros":
+        return torch.where((i < 0) | (i >= size), -1, i)
+    i = i.abs()
     return torch.where(i >= size, 2 * (size - 1) - i, i)
 
 
-def _crop_indices(offsets: Tensor, flips: Tensor, pad: int) -> tuple[Tensor, Tensor]:
-    """Source row and column indices (N, 32) of each crop, reflection and flip folded in."""
-    table = _reflect_table(IMAGE_SIZE, pad, offsets.device)
+def _crop_indices(offsets: Tensor, flips: Tensor, pad: int, mode: str) -> tuple[Tensor, Tensor]:
+    """Source row and column indices (N, 32) of each crop, padding and flip folded in (-1: a zero pixel)."""
+    table = _pad_table(IMAGE_SIZE, pad, mode, offsets.device)
     ar = torch.arange(IMAGE_SIZE, device=offsets.device)
     rows = table[offsets[:, :1] + ar]
     cols = table[offsets[:, 1:] + torch.where(flips[:, None], IMAGE_SIZE - 1 - ar, ar)]
     return rows, cols
 
 
-def _gather(images: Tensor, index: Tensor, rows: Tensor, cols: Tensor, channels_last: bool) -> Tensor:
+def _gather(
+    images: Tensor, index: Tensor, rows: Tensor, cols: Tensor, channels_last: bool, zero_pad: bool
+) -> Tensor:
     """One advanced-indexing op: images[index[n], c, rows[n, i], cols[n, j]] for the whole batch.
 
-    For channels_last the gather is laid out NHWC and permuted, so no extra copy is needed.
+    With `zero_pad`, negative rows or columns read pixel 0 and are then masked to zero. For channels_last
+    the gather is laid out NHWC and permuted, so no extra copy is needed.
     """
     ch = torch.arange(3, device=images.device)
+    r, c = rows.clamp(min=0), cols.clamp(min=0)
     if channels_last:
-        out = images[index[:, None, None, None], ch, rows[:, :, None, None], cols[:, None, :, None]]
+        out = images[index[:, None, None, None], ch, r[:, :, None, None], c[:, None, :, None]]
+        if zero_pad:
+            out = out * ((rows >= 0)[:, :, None, None] & (cols >= 0)[:, None, :, None])
         return out.permute(0, 3, 1, 2)
-    return images[
-        index[:, None, None, None], ch[:, None, None], rows[:, None, :, None], cols[:, None, None, :]
-    ]
+    out = images[index[:, None, None, None], ch[:, None, None], r[:, None, :, None], c[:, None, None, :]]
+    if zero_pad:
+        out = out * ((rows >= 0)[:, None, :, None] & (cols >= 0)[:, None, None, :])
+    return out
 
 
-def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, pad: int = PAD) -> Tensor:
-    """Crop 32x32 at (dy, dx) = offsets[n] from the reflect-padded images[n], mirrored where flips[n].
+def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, pad: int = PAD, pad_mode: str = "reflect") -> Tensor:
+    """Crop 32x32 at (dy, dx) = offsets[n] from the padded images[n], mirrored where flips[n].
 
-    Reflection is folded into the indices instead of materialising a padded copy. Measured on 2 CPU cores
-    (batch 64, best of 9): 93 us/image, against 126 from a padded copy cached at load and 253 padding
-    each batch; and it needs no second copy of the dataset.
+    Padding is folded into the indices instead of materialising a padded copy. Measured on 2 CPU cores
+    (batch 64, reflect, best of 9): 93 us/image, against 126 from a padded copy cached at load and 253
+    padding each batch; and it needs no second copy of the dataset.
     """
-    rows, cols = _crop_indices(offsets, flips, pad)
-    return _gather(images, torch.arange(len(images), device=images.device), rows, cols, channels_last=False)
+    rows, cols = _crop_indices(offsets, flips, pad, pad_mode)
+    index = torch.arange(len(images), device=images.device)
+    return _gather(images, index, rows, cols, channels_last=False, zero_pad=pad_mode == "zeros")
 
 
 def _normaliser(ds: DeviceDataset) -> tuple[Tensor, Tensor]:
@@ -579,10 +605,22 @@ def num_train_batches(ds: DeviceDataset, batch_size: int) -> int:
     return math.ceil(len(ds.y_train) / batch_size)
 
 
+class Batch(NamedTuple):
+    """One training batch: normalised images, labels, and each image's index in the training set (CRD)."""
+
+    x: Tensor
+    y: Tensor
+    index: Tensor
+
+
 def train_batches(
-    ds: DeviceDataset, batch_size: int, generator: torch.Generator, channels_last: bool = False
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """One augmented epoch: shuffled, random reflect-pad crop, random horizontal flip, normalised float32.
+    ds: DeviceDataset,
+    batch_size: int,
+    generator: torch.Generator,
+    channels_last: bool = False,
+    pad_mode: str = DEFAULT_PAD_MODE,
+) -> Iterator[Batch]:
+    """One augmented epoch: shuffled, random padded crop, random horizontal flip, normalised float32.
 
     All randomness for the epoch (permutation, offsets, flips) is drawn from ``generator`` when iteration
     starts, on the device, so restoring ``generator.get_state()`` replays the epoch bit for bit and no
@@ -596,13 +634,13 @@ def train_batches(
     order = torch.randperm(n, generator=generator, device=device)
     offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator, device=device)
     flips = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
-    rows, cols = _crop_indices(offsets, flips, PAD)
+    rows, cols = _crop_indices(offsets, flips, PAD, pad_mode)
     scale, shift = _normaliser(ds)
     for start in range(0, n, batch_size):
         batch = slice(start, start + batch_size)
         index = order[batch]
-        crops = _gather(ds.x_train, index, rows[batch], cols[batch], channels_last)
-        yield torch.addcmul(shift, crops.float(), scale), ds.y_train[index]
+        crops = _gather(ds.x_train, index, rows[batch], cols[batch], channels_last, zero_pad=pad_mode == "zeros")
+        yield Batch(torch.addcmul(shift, crops.float(), scale), ds.y_train[index], index)
 
 
 def test_batches(

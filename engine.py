@@ -1,9 +1,10 @@
-"""The one training loop behind all three stages.
+"""The one training loop behind every stage and every distillation method.
 
-A stage (teacher, heads or student) plugs in through the small `Stage` protocol: which module is
-trained, the loss of a batch, and the named classifiers to evaluate. The engine owns everything
-else: SGD with the multi-step schedule, device-side metrics read once per epoch, evaluation,
-metrics.jsonl / summary.json, atomic checkpoints and exact resumption.
+A stage (teacher, heads, or a student of some method) plugs in by subclassing `Stage`: which module it
+delivers, which extra modules it trains beside it, the loss of a batch, its phases, and the named
+classifiers to evaluate. The engine owns everything else: SGD with the multi-step schedule, device-side
+metrics read once per epoch, evaluation, metrics.jsonl / summary.json, atomic checkpoints and exact
+resumption, across phase boundaries included.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from checkpoint import expect_match, load_checkpoint, load_weights, model_fingerprint, save_checkpoint
-from data import DeviceDataset, num_train_batches, test_batches, train_batches
+from data import DEFAULT_PAD_MODE, Batch, DeviceDataset, num_train_batches, test_batches, train_batches
 from utils import UserError, atomic_write_json, atomic_write_text, lr_at
 
 RESUME_FILE = "last.pt"
+EXTRAS_FILE = "extras.pt"
 # Arguments that may change when a run is resumed: where it runs and where it reads and writes.
 RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "out_dir", "compile", "summary"})
+
+StepOutput = tuple[Tensor, list[Tensor]]  # (loss, logits of each classifier being trained)
 
 
 @dataclass(frozen=True)
@@ -47,37 +51,76 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast; losses stay in fp32
     compile: bool = False  # torch.compile the training and evaluation steps
     channels_last: bool = False
+    pad_mode: str = DEFAULT_PAD_MODE  # of the random crop: "zeros" (the authors' code) or "reflect"
     eval_batch_size: int = 1000
 
 
-class Stage(Protocol):
-    """What a stage supplies to `fit`."""
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with its own loss, its own parameters and a fresh optimizer.
+
+    Most stages have one phase of `--epochs`; FitNets has a hint phase before it. `constant_lr` keeps
+    `--lr` throughout instead of following `--schedule` (which counts epochs from the phase's start).
+    """
+
+    name: str
+    epochs: int
+    parameters: list[nn.Parameter]
+    loss: Callable[[Batch], StepOutput]
+    constant_lr: bool = False
+
+
+class Stage:
+    """What a stage supplies to `fit`; subclasses override `training_step` and `evaluate` at least.
+
+    `model` is what the run delivers (saved as `<kind>.pt`, the file the next stage or any tool loads);
+    `extras` are further modules it trains or updates (a method's regressors, embeddings, memory banks,
+    auxiliary classifiers), saved apart in extras.pt so that the model file stays the plain model.
+    Both are put in train mode for training, in eval mode for evaluation, and restored on --resume;
+    frozen networks (a teacher) are kept outside them.
+    """
 
     kind: str  # "teacher" | "heads" | "student": names the weights file and summary.json's `stage`
-    trainable: nn.Module  # optimised, checkpointed and saved; anything frozen lives outside it
-    headline: tuple[str, ...]  # outputs of `evaluate` whose mean accuracy is the stage's test_acc
+    headline: tuple[str, ...] = ("model",)  # outputs of `evaluate` whose mean accuracy is the run's test_acc
 
-    def training_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def __init__(self, kind: str, model: nn.Module, extras: dict[str, nn.Module] | None = None):
+        self.kind, self.model = kind, model
+        self.extras = nn.ModuleDict(extras or {})
+        self.trainable = nn.ModuleDict({"model": model, "extras": self.extras})
+
+    def phases(self, epochs: int) -> list[Phase]:
+        """The run's phases; by default one phase of `epochs` training everything trainable."""
+        return [Phase("train", epochs, trainable_parameters(self.trainable), self.training_step)]
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each training epoch with its 1-based number within its phase (TOFD's temperature)."""
+
+    def training_step(self, batch: Batch) -> StepOutput:
         """Loss of one batch and the logits of each classifier being trained (for train accuracy)."""
-        ...
+        raise NotImplementedError
 
     def evaluate(self, x: Tensor) -> dict[str, Tensor]:
-        """Logits of every classifier worth reporting, by name."""
-        ...
+        """Logits of every classifier worth reporting, by name; by default the model's own."""
+        return {"model": self.model(x)}
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """Metadata stored beside the final weights so the next stage can rebuild and check them."""
-        ...
+        return {}
 
     def summary_fields(self, last: dict[str, Any]) -> dict[str, Any]:
         """Stage-specific summary.json fields, given the last epoch's metrics."""
-        ...
+        return {}
 
 
-def make_optimizer(stage: Stage, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum and weight decay over the stage's trainable parameters."""
-    params = [p for p in stage.trainable.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov)
+def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `modules` that require gradients, each once."""
+    return list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with (Nesterov) momentum and weight decay, as the paper trains every stage."""
+    return torch.optim.SGD(list(parameters), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
+                           nesterov=cfg.nesterov)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -85,20 +128,30 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
 
 
-def make_train_step(stage: Stage, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Callable:
+def make_train_step(loss_fn: Callable[[Batch], StepOutput], optimizer: torch.optim.Optimizer,
+                    cfg: TrainConfig) -> Callable[[Batch], tuple[Tensor, Tensor]]:
     """One optimisation step on a batch, returning (loss, number correct) as device tensors: no host sync."""
-    forward = torch.compile(stage.training_step) if cfg.compile else stage.training_step
+    forward = torch.compile(loss_fn) if cfg.compile else loss_fn
 
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        with autocast(cfg, x.device):
-            loss, logits = forward(x, y)
+    def step(batch: Batch) -> tuple[Tensor, Tensor]:
+        with autocast(cfg, batch.x.device):
+            loss, logits = forward(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        correct = sum((out.argmax(1) == y).sum() for out in logits) / len(logits)
+        correct = sum((out.argmax(1) == batch.y).sum() for out in logits) / len(logits)
         return loss.detach().float(), correct
 
     return step
+
+
+def locate(phases: list[Phase], epoch: int) -> tuple[int, int]:
+    """(phase index, 1-based epoch within that phase) of the run's 1-based `epoch`."""
+    for index, phase in enumerate(phases):
+        if epoch <= phase.epochs:
+            return index, epoch
+        epoch -= phase.epochs
+    raise ValueError("epoch past the last phase")
 
 
 def fit(
@@ -110,45 +163,56 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train `stage` for `cfg.epochs`, writing into `out_dir`; return the summary.
+    """Train `stage` through its phases, writing into `out_dir`; return the summary.
 
     With `resume`, a finished run is returned as it is and an interrupted one continues from its
-    last completed epoch, ending bit-identical to an uninterrupted run on the CPU.
+    last completed epoch (in whichever phase), ending bit-identical to an uninterrupted run on the CPU.
     """
     out_dir = Path(out_dir)
     device = data.x_train.device
-    optimizer = make_optimizer(stage, cfg)
+    phases = stage.phases(cfg.epochs)
+    total = sum(phase.epochs for phase in phases)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
+    optimizer_state: tuple[int, dict] | None = None  # (phase index, state) restored from last.pt
 
     summary_path, resume_path = out_dir / "summary.json", out_dir / RESUME_FILE
     if summary_path.exists() or resume_path.exists():
         if not resume:
             raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
-        history = _restore(resume_path, stage, optimizer, generator, args)
+        history, optimizer_state = _restore(resume_path, stage, generator, args)
         if summary_path.exists():
             log(f"{out_dir} is already finished; nothing to do")
             return json.loads(summary_path.read_text())
         log(f"resuming {out_dir} after epoch {history[-1]['epoch']}")
 
-    train_step = make_train_step(stage, optimizer, cfg)
     eval_step = torch.compile(stage.evaluate) if cfg.compile else stage.evaluate
     steps = num_train_batches(data, cfg.batch_size)
+    current: tuple[int, torch.optim.Optimizer, Callable] | None = None
 
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
+    for epoch in range(len(history) + 1, total + 1):
         started = time.perf_counter()
-        lr = lr_at(epoch, cfg.lr, list(cfg.schedule), cfg.gamma)
+        index, phase_epoch = locate(phases, epoch)
+        phase = phases[index]
+        if current is None or current[0] != index:  # entering a phase: a fresh optimizer
+            optimizer = make_optimizer(phase.parameters, cfg)
+            if optimizer_state is not None and optimizer_state[0] == index:
+                optimizer.load_state_dict(optimizer_state[1])
+            current = (index, optimizer, make_train_step(phase.loss, optimizer, cfg))
+        _, optimizer, train_step = current
+        lr = cfg.lr if phase.constant_lr else lr_at(phase_epoch, cfg.lr, list(cfg.schedule), cfg.gamma)
         for group in optimizer.param_groups:
             group["lr"] = lr
         stage.trainable.train()
+        stage.start_epoch(phase_epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        batches = train_batches(data, cfg.batch_size, generator, channels_last=cfg.channels_last)
-        for x, y in tqdm(batches, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None):
-            loss, batch_correct = train_step(x, y)
+        batches = train_batches(data, cfg.batch_size, generator, cfg.channels_last, cfg.pad_mode)
+        for batch in tqdm(batches, total=steps, desc=f"epoch {epoch}/{total}", leave=False, disable=None):
+            loss, batch_correct = train_step(batch)
             # Accumulated on the device: no host synchronisation inside the epoch.
-            loss_sum += loss * y.numel()
+            loss_sum += loss * batch.y.numel()
             correct += batch_correct
         train_loss, train_correct = (torch.stack([loss_sum, correct]) / len(data.y_train)).tolist()
         if not math.isfinite(train_loss):
@@ -159,6 +223,7 @@ def fit(
         test = _evaluate(stage, eval_step, data, cfg)
         row = {
             "epoch": epoch,
+            "phase": phase.name,
             "lr": lr,
             "train_loss": train_loss,
             "train_acc": 100.0 * train_correct,
@@ -169,14 +234,14 @@ def fit(
             row["test_acc_by_output"] = {name: acc for name, (_, acc) in test.items()}
         row["seconds"] = time.perf_counter() - started
         history.append(row)
-        _save_progress(out_dir, stage, optimizer, generator, history, args)
+        _save_progress(out_dir, stage, index, optimizer, generator, history, args)
         log(
-            f"epoch {epoch:3d}/{cfg.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.2f}  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}  "
-            f"{row['seconds']:.1f}s"
+            f"epoch {epoch:3d}/{total} {phase.name if len(phases) > 1 else ''} lr {lr:.4g}  "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}  "
+            f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}  {row['seconds']:.1f}s"
         )
 
-    return _finish(out_dir, stage, data, cfg, history, args)
+    return _finish(out_dir, stage, data, cfg, phases, history, args)
 
 
 def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: TrainConfig) -> dict:
@@ -193,7 +258,7 @@ def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: Train
     return {name: (float(s[0]) / count, 100.0 * float(s[1]) / count) for name, s in sums.items()}
 
 
-def _save_progress(out_dir, stage, optimizer, generator, history, args) -> None:
+def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator, history, args) -> None:
     """Everything needed to continue exactly after this epoch, then the metrics so far."""
     save_checkpoint(
         out_dir / RESUME_FILE,
@@ -202,6 +267,7 @@ def _save_progress(out_dir, stage, optimizer, generator, history, args) -> None:
         stage=stage.kind,
         args=args,
         history=history,
+        phase_index=phase_index,
         optimizer=optimizer.state_dict(),
         data_rng=generator.get_state(),
         torch_rng=torch.get_rng_state(),
@@ -210,7 +276,7 @@ def _save_progress(out_dir, stage, optimizer, generator, history, args) -> None:
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
-def _restore(path: Path, stage: Stage, optimizer, generator, args: dict[str, Any]) -> list[dict[str, Any]]:
+def _restore(path: Path, stage: Stage, generator, args: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple]:
     ckpt = load_checkpoint(path, "resume", "--resume")
     expect_match(ckpt, "--resume", stage=stage.kind)
     changed = sorted(
@@ -224,31 +290,26 @@ def _restore(path: Path, stage: Stage, optimizer, generator, args: dict[str, Any
             f"resume with the same arguments ({len(changed)} differ: {', '.join(changed)})"
         )
     load_weights(stage.trainable, ckpt, "--resume")
-    optimizer.load_state_dict(ckpt["optimizer"])
     generator.set_state(ckpt["data_rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    return ckpt["history"]
+    return ckpt["history"], (ckpt["phase_index"], ckpt["optimizer"])
 
 
-def _finish(out_dir: Path, stage: Stage, data, cfg: TrainConfig, history, args) -> dict[str, Any]:
-    """Write the final weights for the next stage, then summary.json (its presence marks the run done)."""
+def _finish(out_dir: Path, stage: Stage, data, cfg: TrainConfig, phases: list[Phase], history, args) -> dict:
+    """Write the final weights (and the extras, apart), then summary.json (its presence marks the run done)."""
     weights_file = f"{stage.kind}.pt"
-    state = stage.trainable.state_dict()
-    save_checkpoint(
-        out_dir / weights_file,
-        stage.kind,
-        state,
-        dataset=data.name,
-        num_classes=data.num_classes,
-        epoch=len(history),
-        args=args,
-        fingerprint=model_fingerprint(stage.trainable),
-        **stage.checkpoint_meta(),
-    )
+    fingerprint = model_fingerprint(stage.model)
+    meta = {"dataset": data.name, "num_classes": data.num_classes, "epoch": len(history), "args": args}
+    save_checkpoint(out_dir / weights_file, stage.kind, stage.model.state_dict(), **meta, fingerprint=fingerprint,
+                    **stage.checkpoint_meta())
+    if len(stage.extras):
+        save_checkpoint(out_dir / EXTRAS_FILE, "extras", stage.extras.state_dict(), **meta,
+                        model_fingerprint=fingerprint, modules=list(stage.extras.keys()))
     last = history[-1]
-    best = max(history, key=lambda row: row["test_acc"])
+    final_phase = [row for row in history if row["phase"] == phases[-1].name]
+    best = max(final_phase, key=lambda row: row["test_acc"])
     summary = {
         "stage": stage.kind,
         **stage.summary_fields(last),
@@ -262,5 +323,9 @@ def _finish(out_dir: Path, stage: Stage, data, cfg: TrainConfig, history, args) 
         "checkpoint": weights_file,
         "config": asdict(cfg),
     }
+    if len(phases) > 1:
+        summary["phases"] = [{"name": phase.name, "epochs": phase.epochs} for phase in phases]
+    if len(stage.extras):
+        summary["extras"] = EXTRAS_FILE
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

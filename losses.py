@@ -21,14 +21,16 @@ def dih_loss(
 
     The cross-entropy is counted once per cohort member, as in the original code; KL is the batch
     mean. `cohort_reduction="mean"` divides by the cohort size instead (an option, off by default).
-    Computed in fp32 whatever the logits' dtype, all members in one vectorised pass.
+    Computed in fp32 for lower-precision logits (bf16 autocast), in float64 for float64 ones; all members
+    in one vectorised pass.
     """
     if cohort_reduction not in ("sum", "mean"):
         raise ValueError(f"cohort_reduction must be 'sum' or 'mean', got {cohort_reduction!r}")
     if not cohort_logits:
         raise ValueError("the cohort is empty: use plain cross-entropy for the CE baseline")
-    student = student_logits.float()
-    teachers = torch.stack([logits.float() for logits in cohort_logits])  # (k+1, B, C)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student = student_logits.to(dtype)
+    teachers = torch.stack([logits.to(dtype) for logits in cohort_logits])  # (k+1, B, C)
     members, batch = teachers.shape[0], student.shape[0]
     ce = F.cross_entropy(student, target)
     log_q = F.log_softmax(student / temperature, dim=1).expand_as(teachers)

@@ -34,6 +34,7 @@ from typing import Any
 
 import cli
 from data import BUILTIN, dataset_tag
+from methods import run_name
 from models import MODEL_NAMES
 from utils import UserError, atomic_write_text, parse_schedule, resolve_device
 
@@ -103,10 +104,9 @@ class Sweep:
         return self.run_dir(f"heads-{teacher}", seed)
 
     def student_dir(self, student: str, method: str, teacher: str, seed: int) -> Path:
-        """The CE baseline has no teacher in its name: one run serves every teacher's row."""
-        if method == "ce":
-            return self.run_dir(f"student-{student}-ce", seed)
-        return self.run_dir(f"student-{student}-{method}-{teacher}-a{self.alpha:g}-t{self.temperature:g}", seed)
+        """test_dih.py's own folder name; the CE baseline's names no teacher: one run serves every teacher's row."""
+        hyper = {"alpha": self.alpha, "temperature": self.temperature}
+        return self.run_dir(run_name(student, method, teacher, hyper), seed)
 
 
 @dataclass

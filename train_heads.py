@@ -18,14 +18,15 @@ from stages import HeadsTraining
 def main(argv: list[str] | None = None) -> dict:
     parser = cli.common_parser(__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="res110", help=f"one of {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--teacher_ckpt", default=None, help="stage-1 weights (default: stage 1's default output)")
+    parser.add_argument("--teacher_ckpt", default=None, help="its weights (default: stage 1's default output)")
     args, device, cfg = cli.parse(parser, argv)
+    teacher_ckpt = cli.read_teacher(args, args.teacher)  # before any data is loaded
     out_dir = cli.run_dir(args, f"heads-{args.teacher}")
 
     data = cli.load_data(args, device)
-    teacher, teacher_identity = cli.load_teacher(args, data, device, cfg)
+    teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
     torch.manual_seed(args.seed)
-    heads = heads_for(teacher, data.num_classes).to(device)
+    heads = heads_for(teacher, data.num_classes, data.image_size).to(device)
     taps = ", ".join(heads.tap_names)
     print(f"stage 2: {len(heads.heads)} heads on {args.teacher} at {taps} on {device} -> {out_dir}")
     summary = fit(HeadsTraining(teacher, heads, teacher_identity), data, cfg, out_dir, cli.stored_args(args),

@@ -10,7 +10,7 @@ import torch
 import cli
 from engine import fit
 from models import MODEL_NAMES
-from stages import Supervised
+from stages import TeacherTraining
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.summary:
         cli.print_model_summary(model, device)
     print(f"stage 1: {args.model} on {data.name} ({data.num_classes} classes) on {device} -> {out_dir}")
-    summary = fit(Supervised(model, args.model), data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
+    summary = fit(TeacherTraining(model, args.model), data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
     print(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch {summary['best_epoch']}: "
           f"{summary['best_test_acc']:.2f}%) -> {out_dir / summary['checkpoint']}")
     return summary

@@ -3,13 +3,13 @@
 from collections.abc import Callable
 from functools import partial
 
-from .base import TapModel
+from .base import Features, TapModel
 from .resnet import ResNet
 from .resnet_cifar import CifarResNet
 from .vgg import VGG11
 from .wrn import WideResNet
 
-__all__ = ["MODEL_NAMES", "TapModel", "build_model"]
+__all__ = ["MODEL_NAMES", "Features", "TapModel", "build_model"]
 
 _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "res8": partial(CifarResNet, 8),

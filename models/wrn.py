@@ -40,9 +40,10 @@ def make_group(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.
 
 
 class WideResNet(TapModel):
-    """WRN-`depth`-`widen_factor`, `depth` = 6n + 4; the taps are the three group outputs."""
+    """WRN-`depth`-`widen_factor`, `depth` = 6n + 4; the taps are the three group outputs (pre-activation)."""
 
     tap_names = ("group1", "group2", "group3")
+    taps_nonnegative = False
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int):
         super().__init__()
@@ -50,18 +51,14 @@ class WideResNet(TapModel):
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {depth}")
         n = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.group1 = make_group(16, widths[0], n, stride=1)
-        self.group2 = make_group(widths[0], widths[1], n, stride=2)
-        self.group3 = make_group(widths[1], widths[2], n, stride=2)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stages = nn.ModuleList(
+            [make_group(16, widths[0], n, 1), make_group(widths[0], widths[1], n, 2),
+             make_group(widths[1], widths[2], n, 2)]
+        )
         self.bn = nn.BatchNorm2d(widths[2])
-        self.fc = nn.Linear(widths[2], num_classes)
+        self.classifier = nn.Linear(widths[2], num_classes)
         init_conv_weights(self)
 
-    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        x = self.conv1(x)
-        g1 = self.group1(x)
-        g2 = self.group2(g1)
-        g3 = self.group3(g2)
-        x = F.relu(self.bn(g3))
-        return self.fc(x.mean(dim=(2, 3))), [g1, g2, g3]
+    def pool(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn(x)).mean(dim=(2, 3))

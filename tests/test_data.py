@@ -45,8 +45,9 @@ def unnormalise(x: torch.Tensor, ds: DeviceDataset) -> np.ndarray:
     return np.round(pixels).astype(np.uint8)
 
 
-def reference_crop(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int = 4) -> np.ndarray:
-    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+def reference_crop(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int = 4, mode: str = "zeros") -> np.ndarray:
+    """torchvision's RandomCrop(padding=pad, padding_mode=...) + flip, in numpy: "zeros" pads with 0 (constant)."""
+    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="constant" if mode == "zeros" else mode)
     crop = padded[:, dy : dy + 32, dx : dx + 32]
     return crop[:, :, ::-1] if flip else crop
 
@@ -54,17 +55,18 @@ def reference_crop(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int = 4
 # ------------------------------------------------------------------------------------------ crop/flip
 
 
-def test_crop_flip_matches_numpy_reflect_pad():
+@pytest.mark.parametrize("mode", data.PAD_MODES)
+def test_crop_flip_matches_numpy_pad(mode):
     rng = np.random.default_rng(1)
     n = 64
     images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     offsets = rng.integers(0, 9, (n, 2))
     offsets[:4] = [[0, 0], [8, 8], [0, 8], [8, 0]]  # the extreme corners reach furthest into the reflection
     flips = rng.integers(0, 2, n).astype(bool)
-    out = data.crop_flip(torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flips))
+    out = data.crop_flip(torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flips), pad_mode=mode)
     assert out.dtype == torch.uint8 and out.shape == (n, 3, 32, 32)
     for i in range(n):
-        expected = reference_crop(images[i], *offsets[i], flips[i])
+        expected = reference_crop(images[i], *offsets[i], flips[i], mode=mode)
         np.testing.assert_array_equal(out[i].numpy(), expected)
 
 
@@ -72,9 +74,9 @@ def test_crop_flip_other_pad():
     images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8))
     offsets = torch.tensor([[0, 4], [4, 0], [2, 3]])
     flips = torch.tensor([True, False, True])
-    out = data.crop_flip(images, offsets, flips, pad=2)
+    out = data.crop_flip(images, offsets, flips, pad=2, pad_mode="reflect")
     for i in range(3):
-        expected = reference_crop(images[i].numpy(), *offsets[i].tolist(), bool(flips[i]), pad=2)
+        expected = reference_crop(images[i].numpy(), *offsets[i].tolist(), bool(flips[i]), pad=2, mode="reflect")
         np.testing.assert_array_equal(out[i].numpy(), expected)
 
 
@@ -96,7 +98,8 @@ def find_augmentation(source: np.ndarray, crop: np.ndarray) -> tuple[int, int, b
 
 def test_train_batches_augment_each_sample_and_normalise():
     ds = random_dataset(64)
-    x, y = next(data.train_batches(ds, 64, torch.Generator().manual_seed(0)))
+    x, y, index = next(data.train_batches(ds, 64, torch.Generator().manual_seed(0)))
+    assert torch.equal(ds.y_train[index], y)
     assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32) and y.dtype == torch.int64
     pixels = unnormalise(x, ds)
     augmentations = [find_augmentation(ds.x_train[label].numpy(), pixels[i]) for i, label in enumerate(y)]
@@ -108,8 +111,9 @@ def test_train_batches_each_sample_once_with_partial_last_batch():
     ds = random_dataset(37)
     assert data.num_train_batches(ds, 8) == 5
     batches = list(data.train_batches(ds, 8, torch.Generator().manual_seed(3)))
-    assert [len(y) for _, y in batches] == [8, 8, 8, 8, 5]
-    labels = torch.cat([y for _, y in batches])
+    assert [len(b.y) for b in batches] == [8, 8, 8, 8, 5]
+    labels = torch.cat([b.y for b in batches])
+    assert torch.equal(torch.cat([b.index for b in batches]), labels)  # the labels are the indices here
     assert sorted(labels.tolist()) == list(range(37))
     assert labels.tolist() != list(range(37))  # shuffled
 
@@ -122,16 +126,16 @@ def test_train_batches_replay_from_generator_state():
     second = list(data.train_batches(ds, 16, generator))
     generator.set_state(state)
     replay = list(data.train_batches(ds, 16, generator))
-    for (x1, y1), (x2, y2) in zip(first, replay, strict=True):
+    for (x1, y1, _), (x2, y2, _) in zip(first, replay, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert not torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in second]))
+    assert not torch.equal(torch.cat([b.y for b in first]), torch.cat([b.y for b in second]))
 
 
 def test_train_batches_channels_last_same_values():
     ds = random_dataset(20)
     plain = list(data.train_batches(ds, 8, torch.Generator().manual_seed(5)))
     cl = list(data.train_batches(ds, 8, torch.Generator().manual_seed(5), channels_last=True))
-    for (x1, y1), (x2, y2) in zip(plain, cl, strict=True):
+    for (x1, y1, _), (x2, y2, _) in zip(plain, cl, strict=True):
         assert x1.is_contiguous()
         assert x2.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(x1, x2) and torch.equal(y1, y2)

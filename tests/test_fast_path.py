@@ -17,7 +17,8 @@ from conftest import run_script
 from torch import Tensor
 
 import bench
-from engine import TrainConfig, make_optimizer, make_train_step
+from data import Batch
+from engine import TrainConfig, make_optimizer, make_train_step, trainable_parameters
 
 NUM_CLASSES, BATCH = 10, 16
 CPU = torch.device("cpu")
@@ -53,8 +54,10 @@ def fast(kind: str, models: bench.Models, x: Tensor, y: Tensor, cfg: TrainConfig
     """Loss and gradients from the project's step for stage `kind`."""
     stage = bench.fast_stage(kind, models, cfg, CPU)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    loss, _ = make_train_step(stage, make_optimizer(stage, cfg), cfg)(x.contiguous(memory_format=memory_format), y)
-    return loss.item(), {name: p.grad for name, p in stage.trainable.named_parameters()}
+    optimizer = make_optimizer(trainable_parameters(stage.trainable), cfg)
+    batch = Batch(x.contiguous(memory_format=memory_format), y, None)
+    loss, _ = make_train_step(stage.training_step, optimizer, cfg)(batch)
+    return loss.item(), {name: p.grad for name, p in stage.model.named_parameters()}
 
 
 def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor) -> tuple[float, dict[str, Tensor]]:
@@ -66,7 +69,7 @@ def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor) -> tuple[fl
     else:
         teacher.eval()
         with torch.no_grad():
-            final, features = teacher.forward_taps(x)
+            final, features, _ = teacher.forward_features(x)
         if kind == "heads":
             trainable = heads
             loss = sum(F.cross_entropy(head(f.flatten(1)), y) for head, f in zip(heads.heads, features, strict=True))
@@ -123,8 +126,7 @@ def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, chan
     features: list[Tensor] = []
     with torch.no_grad():
         final = teacher(batch[0])
-        hooks = [teacher.get_submodule(name).register_forward_hook(lambda _m, _i, out: features.append(out))
-                 for name in teacher.tap_names]
+        hooks = [stage.register_forward_hook(lambda _m, _i, out: features.append(out)) for stage in teacher.stages]
         teacher(batch[0])  # a second, separate pass for the features
         for hook in hooks:
             hook.remove()

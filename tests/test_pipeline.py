@@ -90,8 +90,9 @@ def test_stage2_leaves_the_teacher_bit_identical(trained, tiny_npz, tmp_path):
 
 @pytest.mark.parametrize("method", ["dih", "kd", "ce"])
 def test_students_of_each_method(trained, tiny_npz, tmp_path, method):
-    summary = test_dih.main(["--method", method, "--student", "res8", "--teacher", "res8", "--teacher_ckpt",
-                             str(trained["teacher"]), "--heads_ckpt", str(trained["heads"]), "--dataset",
+    inputs = {"ce": [], "kd": ["--teacher", "res8", "--teacher_ckpt", str(trained["teacher"])]}
+    inputs["dih"] = [*inputs["kd"], "--heads_ckpt", str(trained["heads"])]
+    summary = test_dih.main(["--method", method, "--student", "res8", *inputs[method], "--dataset",
                              str(tiny_npz), "--epochs", "1", "--out_dir", str(tmp_path), *FAST])
     assert summary["stage"] == "student" and summary["method"] == method and summary["model"] == "res8"
     assert summary["teacher"] == (None if method == "ce" else "res8")

@@ -1,0 +1,44 @@
+"""The student methods of the paper's comparison, one file each, all plug-ins of the one engine.
+
+    ce       labels only                          methods/ce.py
+    kd       teacher's softened logits            methods/kd.py
+    dih      teacher's classifier + k heads       methods/dih.py
+
+`METHODS` maps each name to its `Method` record; `run_name` is the folder name a student run gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import ce, dih, kd
+from .base import HYPERS, Hyper, Method, Setup, StudentStage
+
+__all__ = ["HYPERS", "METHODS", "Hyper", "Method", "Setup", "StudentStage", "run_name"]
+
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (ce, kd, dih)}
+
+# Shown in every folder name of the methods that take them; other hyper-parameters only when not the default.
+ALWAYS_NAMED = ("alpha", "temperature", "beta")
+
+
+def run_name(student: str, method: str, teacher: str | None, hyper: dict[str, Any], ta: str | None = None) -> str:
+    """`student-<student>-<method>[-<teacher>][-ta-<assistant>]-<hyper-parameters>`: one folder per setting."""
+    spec = METHODS[method]
+    parts = ["student", student, method]
+    if spec.teacher != "none":
+        parts.append(teacher)
+    if ta is not None:
+        parts += ["ta", ta]
+    for key, default in spec.defaults.items():
+        value = hyper.get(key, default)
+        if key not in ALWAYS_NAMED and value == default:
+            continue
+        code = HYPERS[key].code or key
+        if isinstance(value, bool):
+            parts.append(code if value else f"no_{code}")
+        elif isinstance(value, str):
+            parts.append(value)
+        else:
+            parts.append(f"{code}{value:g}")
+    return "-".join(parts)
