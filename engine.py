@@ -129,16 +129,21 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
 
 
 def make_train_step(loss_fn: Callable[[Batch], StepOutput], optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig) -> Callable[[Batch], tuple[Tensor, Tensor]]:
-    """One optimisation step on a batch, returning (loss, number correct) as device tensors: no host sync."""
+                    cfg: TrainConfig) -> Callable[[Batch], tuple[Tensor, Tensor | None]]:
+    """One optimisation step on a batch, returning (loss, number correct) as device tensors: no host sync.
+
+    The number correct is None when the loss trains no classifier.
+    """
     forward = torch.compile(loss_fn) if cfg.compile else loss_fn
 
-    def step(batch: Batch) -> tuple[Tensor, Tensor]:
+    def step(batch: Batch) -> tuple[Tensor, Tensor | None]:
         with autocast(cfg, batch.x.device):
             loss, logits = forward(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if not logits:  # a phase that trains no classifier (FitNets' hint phase) has no train accuracy
+            return loss.detach().float(), None
         correct = sum((out.argmax(1) == batch.y).sum() for out in logits) / len(logits)
         return loss.detach().float(), correct
 
@@ -207,14 +212,15 @@ def fit(
         stage.trainable.train()
         stage.start_epoch(phase_epoch)
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
+        correct: Tensor | None = torch.zeros((), device=device)
         batches = train_batches(data, cfg.batch_size, generator, cfg.channels_last, cfg.pad_mode)
         for batch in tqdm(batches, total=steps, desc=f"epoch {epoch}/{total}", leave=False, disable=None):
             loss, batch_correct = train_step(batch)
             # Accumulated on the device: no host synchronisation inside the epoch.
             loss_sum += loss * batch.y.numel()
-            correct += batch_correct
-        train_loss, train_correct = (torch.stack([loss_sum, correct]) / len(data.y_train)).tolist()
+            correct = None if batch_correct is None else correct + batch_correct
+        train_loss, train_correct = (torch.stack([loss_sum, correct if correct is not None else loss_sum])
+                                     / len(data.y_train)).tolist()
         if not math.isfinite(train_loss):
             raise UserError(
                 f"the training loss became {train_loss} in epoch {epoch} (diverged: try a lower --lr); "
@@ -226,7 +232,7 @@ def fit(
             "phase": phase.name,
             "lr": lr,
             "train_loss": train_loss,
-            "train_acc": 100.0 * train_correct,
+            "train_acc": 100.0 * train_correct if correct is not None else None,
             "test_loss": sum(test[name][0] for name in stage.headline) / len(stage.headline),
             "test_acc": sum(test[name][1] for name in stage.headline) / len(stage.headline),
         }
@@ -237,7 +243,7 @@ def fit(
         _save_progress(out_dir, stage, index, optimizer, generator, history, args)
         log(
             f"epoch {epoch:3d}/{total} {phase.name if len(phases) > 1 else ''} lr {lr:.4g}  "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}  "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc'] or 0:.2f}  "
             f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}  {row['seconds']:.1f}s"
         )
 

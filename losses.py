@@ -39,6 +39,14 @@ def dih_loss(
     return loss / members if cohort_reduction == "mean" else loss
 
 
+def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), batch mean: the distillation term AT and CRD add with weight α."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    p = F.softmax(teacher_logits.to(dtype) / temperature, dim=1)
+    return temperature**2 * F.kl_div(log_q, p, reduction="batchmean")
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float, temperature: float) -> Tensor:
     """Canonical KD (Hinton et al.): DIH with the teacher's final classifier as the only cohort member."""
     return dih_loss(student_logits, [teacher_logits], target, alpha, temperature)

@@ -1,8 +1,12 @@
 """The student methods of the paper's comparison, one file each, all plug-ins of the one engine.
 
-    ce       labels only                          methods/ce.py
-    kd       teacher's softened logits            methods/kd.py
-    dih      teacher's classifier + k heads       methods/dih.py
+    ce       labels only                                         methods/ce.py
+    kd       the teacher's softened logits                       methods/kd.py
+    fitnets  stage-1 feature maps (hint phase), then KD          methods/fitnets.py
+    takd     KD through a teacher assistant                      methods/takd.py
+    at       attention maps of paired stages                     methods/at.py
+    crd      penultimate features, contrasted (memory banks)     methods/crd.py
+    dih      the teacher's classifier + its k heads, at once     methods/dih.py
 
 `METHODS` maps each name to its `Method` record; `run_name` is the folder name a student run gets.
 """
@@ -11,12 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ce, dih, kd
+from . import at, ce, crd, dih, fitnets, kd, takd
 from .base import HYPERS, Hyper, Method, Setup, StudentStage
 
 __all__ = ["HYPERS", "METHODS", "Hyper", "Method", "Setup", "StudentStage", "run_name"]
 
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (ce, kd, dih)}
+# In the order of the paper's comparison table.
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (ce, kd, fitnets, takd, at, crd, dih)}
 
 # Shown in every folder name of the methods that take them; other hyper-parameters only when not the default.
 ALWAYS_NAMED = ("alpha", "temperature", "beta")
