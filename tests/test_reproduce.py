@@ -15,12 +15,20 @@ import pytest
 from conftest import ROOT, assert_clean_failure, run_script
 
 import reproduce
+from sweep.graph import build_graph, is_finished
+from sweep.grid import Sweep, make_sweep
+from sweep.local import exclusive, execute
+from sweep.report import aggregate, report
 from utils import UserError
 
 
 def tiny_sweep(npz: Path, tmp: Path, *extra: str) -> list[str]:
     return ["--dataset", str(npz), "--teachers", "res8", "--students", "res8", "--seeds", "30", "--epochs", "1",
             "--runs_dir", str(tmp / "runs"), "--results_dir", str(tmp / "results"), *extra]
+
+
+def sweep_of(argv: list[str]) -> Sweep:
+    return make_sweep(reproduce.build_parser().parse_args(argv))
 
 
 def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny_npz, tmp_path):
@@ -50,8 +58,8 @@ def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny
 
 
 def test_a_failed_run_skips_its_dependents_and_the_others_go_on(tiny_npz, tmp_path):
-    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(tiny_sweep(tiny_npz, tmp_path)))
-    nodes = reproduce.build_graph(sweep)
+    sweep = sweep_of(tiny_sweep(tiny_npz, tmp_path))
+    nodes = build_graph(sweep)
     heads = next(node for node in nodes if node.label.startswith("heads"))
     heads.argv = [sys.executable, "-c", "import sys; sys.exit('heads broke')"]
     for node in nodes:  # everything but the graph's bookkeeping is faked: no training here
@@ -59,7 +67,7 @@ def test_a_failed_run_skips_its_dependents_and_the_others_go_on(tiny_npz, tmp_pa
             node.argv = [sys.executable, "-c", f"import json; open({str(node.out_dir / 'summary.json')!r}, 'w')"
                                                f".write(json.dumps({{'final_test_acc': 1.0}}))"]
     lines: list[str] = []
-    outcome = reproduce.execute(nodes, sweep.dataset, 2, [None], log=lines.append)
+    outcome = execute(nodes, sweep.dataset, 2, [None], log=lines.append)
     assert outcome.failed == [heads]
     assert [node.label for node in outcome.skipped] == ["dih student res8 <- res8 seed 30"]
     assert len(outcome.launched) == 4  # teacher, heads, CE and KD students
@@ -79,7 +87,7 @@ def write_run(out_dir: Path, accs: list[float], **summary) -> None:
 def test_the_aggregate_is_the_mean_and_sample_std_over_seeds(tmp_path):
     argv = ["--dataset", "synthetic", "--teachers", "res20", "--seeds", "30", "50", "67",
             "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
-    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
+    sweep = sweep_of(argv)
     teacher, ce, kd = [70.0, 72.5, 71.0], [50.0, 54.0, 53.0], [55.0, 56.5, 60.25]
     for i, seed in enumerate(sweep.seeds):
         write_run(sweep.teacher_dir("res20", seed), [60.0, teacher[i]])
@@ -89,8 +97,8 @@ def test_the_aggregate_is_the_mean_and_sample_std_over_seeds(tmp_path):
         write_run(sweep.student_dir("res8", "kd", "res20", seed), [58.0, kd[i]])
     write_run(sweep.student_dir("res8", "dih", "res20", 50), [61.0, 57.0])  # one seed of three
 
-    table = reproduce.report(sweep)
-    (row,) = reproduce.aggregate(sweep)
+    table = report(sweep)
+    (row,) = aggregate(sweep)
     assert row["teacher acc"].mean == statistics.mean(teacher) and row["teacher acc"].std == statistics.stdev(teacher)
     assert row["CE"].mean == statistics.mean(ce) and row["CE"].std == pytest.approx(statistics.stdev(ce))
     # By hand: mean 57.25, deviations -2.25, -0.75, 3; sqrt((5.0625 + 0.5625 + 9) / (3 - 1)) = 2.7042
@@ -111,25 +119,41 @@ def test_the_aggregate_is_the_mean_and_sample_std_over_seeds(tmp_path):
 
 def test_missing_runs_show_as_a_dash(tmp_path):
     argv = ["--teachers", "res20", "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "res")]
-    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
-    assert "| res20 | res8 | — | — | — | — |" in reproduce.report(sweep)
+    sweep = sweep_of(argv)
+    assert "| res20 | res8 | — | — | — | — |" in report(sweep)
+
+
+def test_report_only_tabulates_a_half_done_sweep_and_runs_nothing(tmp_path, capsys):
+    argv = ["--teachers", "res20", "--seeds", "30", "50", "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "res")]
+    teacher = build_graph(sweep_of(argv))[0]
+    write_run(teacher.out_dir, [60.0, 70.0], **teacher.expect, dataset="cifar100")
+    outcome = reproduce.main([*argv, "--report_only"])
+    assert outcome.launched == [] and "1 of 10 stage runs have finished" in capsys.readouterr().out
+    assert "| res20 | res8 | 70.00 (n=1) | — | — | — |" in outcome.table
+    assert (tmp_path / "res" / "custom" / "results.md").read_text() == outcome.table
 
 
 def test_a_folder_holding_another_run_is_refused(tmp_path):
     argv = ["--teachers", "res20", "--epochs", "5", "--runs_dir", str(tmp_path)]
-    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
-    teacher = reproduce.build_graph(sweep)[0]
+    sweep = sweep_of(argv)
+    teacher = build_graph(sweep)[0]
     write_run(teacher.out_dir, [10.0], **teacher.expect, dataset="cifar100")
-    assert reproduce.is_finished(teacher, "cifar100")
+    assert is_finished(teacher, "cifar100")
     teacher.out_dir.joinpath("summary.json").write_text(json.dumps({**teacher.expect, "epochs": 3,
                                                                     "dataset": "cifar100"}))
     with pytest.raises(UserError, match="epochs=3, this sweep asks for 5"):
-        reproduce.is_finished(teacher, "cifar100")
+        is_finished(teacher, "cifar100")
 
 
-def test_dry_run_of_paper_cifar100_lists_every_stage_command(capsys):
+def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_it_waits_for(capsys):
     reproduce.main(["--preset", "paper-cifar100", "--dry_run"])
-    printed = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    levels: list[list[tuple[list[str], list[str]]]] = []
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("# level"):
+            levels.append([])
+        else:
+            levels[-1].append((shlex.split(line, comments=True), line.partition("  # after ")[2].split()))
 
     teachers = ["res14", "res20", "res32", "res56", "res110", "res18", "res34", "vgg11", "wrn_28_2"]
     seeds = [30, 50, 67]
@@ -143,26 +167,28 @@ def test_dry_run_of_paper_cifar100_lists_every_stage_command(capsys):
     def ckpts(t: str, seed: int) -> list[str]:
         return ["--teacher", t, "--teacher_ckpt", f"runs/cifar100/teacher-{t}-seed{seed}/teacher.pt"]
 
-    expected = [command("train_teacher.py", "--model", t, seed=s, out=f"teacher-{t}") for t in teachers for s in seeds]
-    expected += [command("train_heads.py", *ckpts(t, s), seed=s, out=f"heads-{t}") for t in teachers for s in seeds]
-    expected += [command("test_dih.py", "--student", "res8", "--method", "ce", seed=s, out="student-res8-ce")
-                 for s in seeds]
-    expected += [command("test_dih.py", "--student", "res8", "--method", "kd", *ckpts(t, s), "--alpha", "0.1",
-                         "--temperature", "5.0", seed=s, out=f"student-res8-kd-{t}-a0.1-t5")
-                 for t in teachers for s in seeds]
-    expected += [command("test_dih.py", "--student", "res8", "--method", "dih", *ckpts(t, s), "--heads_ckpt",
-                         f"runs/cifar100/heads-{t}-seed{s}/heads.pt", "--alpha", "0.1", "--temperature", "5.0",
-                         seed=s, out=f"student-res8-dih-{t}-a0.1-t5")
-                 for t in teachers for s in seeds]
-    assert len(expected) == 9 * 3 + 9 * 3 + (9 * 2 + 1) * 3 == 111
-    assert printed == expected
+    first = [(command("train_teacher.py", "--model", t, seed=s, out=f"teacher-{t}"), [])
+             for t in teachers for s in seeds]
+    first += [(command("test_dih.py", "--student", "res8", "--method", "ce", seed=s, out="student-res8-ce"), [])
+              for s in seeds]
+    second = [(command("train_heads.py", *ckpts(t, s), seed=s, out=f"heads-{t}"), [f"teacher-{t}-seed{s}"])
+              for t in teachers for s in seeds]
+    second += [(command("test_dih.py", "--student", "res8", "--method", "kd", *ckpts(t, s), "--alpha", "0.1",
+                        "--temperature", "5.0", seed=s, out=f"student-res8-kd-{t}-a0.1-t5"), [f"teacher-{t}-seed{s}"])
+               for t in teachers for s in seeds]
+    third = [(command("test_dih.py", "--student", "res8", "--method", "dih", *ckpts(t, s), "--heads_ckpt",
+                      f"runs/cifar100/heads-{t}-seed{s}/heads.pt", "--alpha", "0.1", "--temperature", "5.0",
+                      seed=s, out=f"student-res8-dih-{t}-a0.1-t5"), [f"teacher-{t}-seed{s}", f"heads-{t}-seed{s}"])
+             for t in teachers for s in seeds]
+    assert len(first) + len(second) + len(third) == 9 * 3 + 9 * 3 + (9 * 2 + 1) * 3 == 111
+    assert levels == [first, second, third]
 
 
 def test_flags_override_the_preset_and_ce_is_shared_by_every_teacher():
     argv = ["--preset", "paper-cifar10", "--teachers", "res20", "res56", "--seeds", "1", "--epochs", "3"]
-    sweep = reproduce.make_sweep(reproduce.build_parser().parse_args(argv))
+    sweep = sweep_of(argv)
     assert (sweep.dataset, sweep.epochs, sweep.teacher_epochs, sweep.lr) == ("cifar10", 3, 3, 0.1)
-    students = [node for node in reproduce.build_graph(sweep) if "student" in node.label]
+    students = [node for node in build_graph(sweep) if "student" in node.label]
     assert [node.label for node in students] == [
         "ce student res8 seed 1", "kd student res8 <- res20 seed 1", "kd student res8 <- res56 seed 1",
         "dih student res8 <- res20 seed 1", "dih student res8 <- res56 seed 1"]
@@ -189,5 +215,5 @@ def test_bad_input_is_one_line_on_stderr():
 
 
 def test_a_second_sweep_on_the_same_runs_is_refused(tmp_path):
-    with reproduce.exclusive(tmp_path / "synthetic"), pytest.raises(UserError, match="another reproduce.py"):
+    with exclusive(tmp_path / "synthetic"), pytest.raises(UserError, match="another reproduce.py"):
         reproduce.main(["--preset", "demo", "--runs_dir", str(tmp_path)])

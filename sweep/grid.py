@@ -1,0 +1,161 @@
+"""What a sweep runs: the presets, the `Sweep` built from them and the flags, and the flags that rebuild it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import cli
+from data import dataset_tag
+from methods import run_name
+from models import MODEL_NAMES
+from utils import UserError, parse_schedule
+
+METHODS = ("ce", "kd", "dih")
+
+# SPEC section 1 (the original's Table 2): the same optimiser settings for all three stages.
+PAPER = {
+    "students": ["res8"], "methods": list(METHODS), "seeds": [30, 50, 67], "epochs": 200, "batch_size": 64,
+    "lr": 0.1, "momentum": 0.9, "wd": 5e-4, "nesterov": True, "schedule": [60, 120, 180], "gamma": 0.1,
+    "alpha": 0.1, "temperature": 5.0,
+}
+# Table 1's teachers (SPEC section 1). ResNet-8 is among its CIFAR ResNets, but it is the student here:
+# distilling res8 into res8 is no row of the paper's table.
+TABLE1_TEACHERS = ["res14", "res20", "res32", "res56", "res110", "res18", "res34", "vgg11", "wrn_28_2"]
+PRESETS: dict[str, dict[str, Any]] = {
+    # Sized for `make demo` on 2 CPU cores: ten stage runs in about six minutes (an epoch of res20 takes
+    # ~25 s there, of res8 ~10 s). A short run wants a gentler LR, then a tenth of it for the last epoch.
+    "demo": {
+        "dataset": "synthetic", "teachers": ["res20"], "students": ["res8"], "methods": list(METHODS),
+        "seeds": [30, 50], "epochs": 2, "heads_epochs": 1, "lr": 0.05, "schedule": [1],
+    },
+    "paper-cifar100": {**PAPER, "dataset": "cifar100", "teachers": TABLE1_TEACHERS},
+    "paper-cifar10": {**PAPER, "dataset": "cifar10", "teachers": TABLE1_TEACHERS},
+}
+# Without a preset: the paper's settings on CIFAR-100, for the teachers named by --teachers.
+DEFAULTS: dict[str, Any] = {
+    **PAPER, "dataset": "cifar100", "data_dir": "./data", "teachers": [], "teacher_epochs": None,
+    "heads_epochs": None,
+}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What to run: the grid and the hyper-parameters every stage run gets."""
+
+    name: str
+    dataset: str
+    data_dir: str
+    teachers: list[str]
+    students: list[str]
+    methods: list[str]
+    seeds: list[int]
+    epochs: int
+    teacher_epochs: int
+    heads_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    wd: float
+    nesterov: bool
+    schedule: list[int]
+    gamma: float
+    alpha: float
+    temperature: float
+    runs_dir: Path
+    results_dir: Path
+
+    def run_dir(self, name: str, seed: int) -> Path:
+        """The stage scripts' own default folder for a run (`cli.default_dir`), under --runs_dir."""
+        return self.runs_dir / cli.default_dir(dataset_tag(self.dataset), name, seed).relative_to("runs")
+
+    def teacher_dir(self, teacher: str, seed: int) -> Path:
+        return self.run_dir(f"teacher-{teacher}", seed)
+
+    def heads_dir(self, teacher: str, seed: int) -> Path:
+        return self.run_dir(f"heads-{teacher}", seed)
+
+    def student_dir(self, student: str, method: str, teacher: str, seed: int) -> Path:
+        """test_dih.py's own folder name; the CE baseline's names no teacher: one run serves every teacher's row."""
+        hyper = {"alpha": self.alpha, "temperature": self.temperature}
+        return self.run_dir(run_name(student, method, teacher, hyper), seed)
+
+
+def add_grid_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `make_sweep` reads; each defaults to None, meaning: the preset's value, or the paper's."""
+    p.add_argument("--preset", choices=tuple(PRESETS), help="a named grid with its hyper-parameters")
+    p.add_argument("--dataset", help="cifar10, cifar100, synthetic or a PATH.npz")
+    p.add_argument("--data_dir", help="where CIFAR is read from or downloaded to (default ./data)")
+    p.add_argument("--teachers", nargs="+", help=f"teacher models, of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--students", nargs="+", help="student models (default res8)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: ce kd dih")
+    p.add_argument("--seeds", nargs="+", type=int, help="default: 30 50 67, the paper's")
+    p.add_argument("--epochs", type=int, help="epochs of each student run, and of the other stages unless set")
+    p.add_argument("--teacher_epochs", type=int, help="epochs of each teacher run (default: --epochs)")
+    p.add_argument("--heads_epochs", type=int, help="epochs of each heads run (default: --epochs)")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--wd", type=float, help="weight decay")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
+    p.add_argument("--schedule", nargs="+", help="LR milestones, e.g. 60 120 180")
+    p.add_argument("--gamma", type=float, help="LR decay factor at each milestone")
+    p.add_argument("--alpha", type=float, help="weight of the distillation term (KD and DIH)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (KD and DIH)")
+    p.add_argument("--runs_dir", default="runs", help="root of the run folders")
+    p.add_argument("--results_dir", default="results", help="the table and plots go to <results_dir>/<preset>/")
+
+
+def make_sweep(args: argparse.Namespace) -> Sweep:
+    """The preset's values (or the paper's), overridden by the flags given, checked before anything runs."""
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    values = {**DEFAULTS, **PRESETS.get(args.preset, {}), **given}
+    for key in ("teachers", "students", "methods", "seeds"):
+        values[key] = list(dict.fromkeys(values[key]))  # a name given twice is one grid line
+    values["methods"] = [m for m in METHODS if m in values["methods"]]
+    if not values["teachers"]:
+        raise UserError("the grid is empty: name a --preset or some --teachers")
+    unknown = [m for m in values["teachers"] + values["students"] if m not in MODEL_NAMES]
+    if unknown:
+        raise UserError(f"unknown model {unknown[0]!r}; choose from: {', '.join(MODEL_NAMES)}")
+    dataset_tag(values["dataset"])  # an unknown dataset is a DataError, itself a UserError
+    values["schedule"] = parse_schedule([str(m) for m in values["schedule"]])
+    for key in ("teacher_epochs", "heads_epochs"):
+        values[key] = values["epochs"] if values[key] is None else values[key]
+    for key in ("epochs", "teacher_epochs", "heads_epochs", "batch_size"):
+        if values[key] < 1:
+            raise UserError(f"--{key} must be at least 1, got {values[key]}")
+    for key, ok, rule in (("lr", values["lr"] > 0, "positive"), ("gamma", values["gamma"] > 0, "positive"),
+                          ("temperature", values["temperature"] > 0, "positive"),
+                          ("momentum", values["momentum"] >= 0, "non-negative"),
+                          ("wd", values["wd"] >= 0, "non-negative"), ("alpha", 0 <= values["alpha"] <= 1, "in [0, 1]")):
+        if not ok:
+            raise UserError(f"--{key} must be {rule}, got {values[key]}")
+    values["name"] = args.preset or "custom"
+    values["runs_dir"], values["results_dir"] = Path(args.runs_dir), Path(args.results_dir)
+    return Sweep(**{f.name: values[f.name] for f in fields(Sweep)})
+
+
+def schedule_tokens(schedule: list[int]) -> list[str]:
+    """--schedule's values as command-line words; `[]` for none, since the flag takes at least one word."""
+    return [str(m) for m in schedule] or ["[]"]
+
+
+def grid_flags(sweep: Sweep) -> list[str]:
+    """Flags from which `make_sweep` rebuilds this very sweep: how a later job (the Slurm report) names it."""
+    flags = ["--preset", sweep.name] if sweep.name in PRESETS else []
+    for f in fields(Sweep):
+        value = getattr(sweep, f.name)
+        if f.name == "name":
+            continue
+        if f.name == "schedule":
+            flags += ["--schedule", *schedule_tokens(value)]
+        elif isinstance(value, bool):
+            flags.append(f"--{f.name}" if value else f"--no-{f.name}")
+        elif isinstance(value, list):
+            flags += [f"--{f.name}", *map(str, value)]
+        else:
+            flags += [f"--{f.name}", str(value)]
+    return flags

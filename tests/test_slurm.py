@@ -1,0 +1,126 @@
+"""reproduce.py --slurm on a real one-node Slurm cluster started for the test, and its flags.
+
+The cluster needs root and Debian's slurm-wlm and munge (.ci/run installs them). Where they are missing
+the test is skipped, unless DIH_REQUIRE_SLURM is set, as .ci/run sets it: there a missing Slurm fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from datetime import datetime
+
+import pytest
+from slurm_cluster import one_node_cluster, unavailable
+
+import reproduce
+from sweep.grid import grid_flags, make_sweep
+from utils import UserError
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+
+
+@pytest.fixture(scope="module")
+def slurm_conf():
+    reason = unavailable()
+    if reason is not None:
+        if os.environ.get("DIH_REQUIRE_SLURM"):
+            pytest.fail(f"DIH_REQUIRE_SLURM is set, but {reason}")
+        pytest.skip(reason)
+    with one_node_cluster() as conf:
+        yield conf
+
+
+def job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict: JobState, StartTime, EndTime, ..."""
+    text = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
+                          check=True).stdout
+    return dict(token.split("=", 1) for token in text.split() if "=" in token)
+
+
+def started(info: dict[str, str]) -> datetime:
+    return datetime.fromisoformat(info["StartTime"])
+
+
+def ended(info: dict[str, str]) -> datetime:
+    return datetime.fromisoformat(info["EndTime"])
+
+
+def wait_for(job_id: str, timeout: float = 300) -> None:
+    for _ in range(int(timeout)):
+        if job(job_id)["JobState"] in FINAL_STATES:
+            return
+        time.sleep(1)
+    pytest.fail(f"Slurm job {job_id} has not ended after {timeout:.0f} s: {job(job_id)}")
+
+
+def test_the_demo_sweep_on_slurm_keeps_the_order_gives_the_local_table_and_resubmits_only_what_is_missing(
+        slurm_conf, tiny_npz, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(slurm_conf))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs inherit it: the same threads give the same sums
+    grid = ["--preset", "demo", "--dataset", str(tiny_npz), "--epochs", "1", "--seeds", "30"]
+    on_slurm = [*grid, "--runs_dir", str(tmp_path / "slurm" / "runs"), "--results_dir", str(tmp_path / "slurm" / "res"),
+                "--slurm", "--gpus_per_job", "0"]
+
+    with pytest.raises(UserError, match="teacher res20 seed 30: sbatch failed: invalid partition specified: nope"):
+        reproduce.main([*on_slurm, "--partition", "nope"])
+    first = reproduce.main(on_slurm)
+    assert len(first.launched) == len(first.nodes) == 5 and first.report_job is not None
+    queued = reproduce.main(on_slurm)  # at once: the runs are queued or running, none is submitted twice
+    assert queued.launched == [] and queued.report_job is None and queued.jobs.items() <= first.jobs.items()
+
+    local = reproduce.main([*grid, "--runs_dir", str(tmp_path / "local" / "runs"),
+                            "--results_dir", str(tmp_path / "local" / "res")])  # meanwhile, the same grid here
+    assert not local.failed and "| res20 | res8 |" in local.table
+    wait_for(first.report_job)
+
+    jobs = {node.out_dir: job(first.jobs[node.out_dir]) for node in first.nodes}
+    for node in first.nodes:
+        log = (node.out_dir / "log.txt").read_text()
+        assert jobs[node.out_dir]["JobState"] == "COMPLETED", log + (node.out_dir / "stderr.txt").read_text()
+        assert f"(Slurm job {first.jobs[node.out_dir]} on " in log.splitlines()[0]
+        for dep in node.deps:  # afterok held: each run started once the runs it needs had ended
+            assert ended(jobs[dep]) <= started(jobs[node.out_dir]), f"{node.label} started before {dep.name} ended"
+    report = job(first.report_job)
+    assert report["JobState"] == "COMPLETED"
+    assert all(ended(info) <= started(report) for info in jobs.values())  # afterany held
+    assert (tmp_path / "slurm" / "res" / "demo" / "results.md").read_text() == local.table
+
+    again = reproduce.main(on_slurm)  # all finished: nothing submitted, the table at once
+    assert again.launched == [] and not again.jobs and again.table == local.table
+
+    kd = next(node for node in first.nodes if node.label.startswith("kd"))
+    (kd.out_dir / "summary.json").unlink()  # as if its node had failed: only that run goes back to the queue
+    redo = reproduce.main(on_slurm)
+    assert redo.launched == [kd] and list(redo.jobs) == [kd.out_dir]
+    wait_for(redo.report_job)
+    assert (tmp_path / "slurm" / "res" / "demo" / "results.md").read_text() == local.table
+
+
+@pytest.mark.parametrize("argv", [
+    ["--preset", "demo", "--dataset", "tiny.npz", "--epochs", "3", "--heads_epochs", "2", "--no-nesterov"],
+    ["--teachers", "res20", "vgg11", "--methods", "dih", "kd", "--seeds", "1", "--schedule", "[]", "--wd", "0"],
+])
+def test_the_report_job_rebuilds_the_same_sweep_from_its_flags(argv):
+    sweep = make_sweep(reproduce.build_parser().parse_args(argv))
+    assert make_sweep(reproduce.build_parser().parse_args(grid_flags(sweep))) == sweep
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--partition", "gpu"], "--partition is an option of --slurm"),
+    (["--slurm", "--gpus", "0"], "--jobs and --gpus are for a sweep on this machine"),
+    (["--slurm", "--jobs", "2"], "--jobs and --gpus are for a sweep on this machine"),
+    (["--slurm", "--gpus_per_job", "two"], "--gpus_per_job 'two'"),
+    (["--slurm", "--sbatch_args=--comment='x"], "--sbatch_args"),
+])
+def test_bad_slurm_flags_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        reproduce.main(["--preset", "demo", *argv])
+
+
+def test_without_slurm_commands_slurm_says_where_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match="--slurm needs Slurm's squeue on the PATH"):
+        reproduce.main(["--preset", "demo", "--runs_dir", str(tmp_path), "--slurm"])
