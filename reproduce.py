@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> Outcome:
         if outcome.jobs:  # on Slurm, with runs still to come: the report job writes the table after them
             return outcome
     outcome.table = report(sweep)
-    print(f"\n{outcome.table}\nwritten to {sweep.results_dir / sweep.name}: results.md results.csv curves.png bars.png")
+    files = "results.md results.csv curves.png bars.png gap.png"
+    print(f"\n{outcome.table}\nwritten to {sweep.results_dir / sweep.name}: {files}")
     if outcome.failed or outcome.skipped:
         print(f"{len(outcome.failed)} stage run(s) failed and {len(outcome.skipped)} were skipped (see above); "
               f"rerun the same command to retry them", file=sys.stderr)

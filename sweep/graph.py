@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from data import BUILTIN
+from methods import METHODS as REGISTRY
 from utils import UserError
 
 from .grid import Sweep, schedule_tokens
@@ -50,8 +51,14 @@ class Outcome:
 
 
 def build_graph(sweep: Sweep) -> list[Node]:
-    """Every stage run of the sweep, once each, in dependency order: all teachers, all heads, all students."""
+    """Every stage run of the sweep, once each, in dependency order.
+
+    Teachers first (plain, and TOFD's variant where the sweep has TOFD), then what is trained on a teacher and
+    shared by students (DIH's heads, TAKD's assistant), then every student. What a student method needs is
+    read from its `Method` record, so a new method needs no change here.
+    """
     nodes: dict[Path, Node] = {}
+    methods = [REGISTRY[m] for m in sweep.methods]
 
     def add(label: str, script: str, out_dir: Path, epochs: int, seed: int, flags: list[str], deps: list[Path],
             expect: dict[str, Any]) -> None:
@@ -60,33 +67,66 @@ def build_graph(sweep: Sweep) -> list[Node]:
         expect = {**expect, **hyper_parameters(sweep, epochs, seed)}
         nodes.setdefault(out_dir, Node(label, out_dir, argv, deps, expect))
 
-    for teacher in sweep.teachers:
-        for seed in sweep.seeds:
-            add(f"teacher {teacher} seed {seed}", "train_teacher.py", sweep.teacher_dir(teacher, seed),
-                sweep.teacher_epochs, seed, ["--model", teacher], [], {"stage": "teacher", "model": teacher})
+    def add_student(student: str, method: str, teacher: str, seed: int, extra: list[str], deps: list[Path],
+                    expect: dict[str, Any]) -> None:
+        hyper = sweep.hyper(method)
+        name = f"{method} student {student}" + (f" <- {teacher}" if REGISTRY[method].teacher != "none" else "")
+        add(f"{name} seed {seed}", "test_dih.py", sweep.student_dir(student, method, teacher, seed), sweep.epochs,
+            seed, ["--student", student, "--method", method, *extra, *hyper_flags(hyper)], deps,
+            {"stage": "student", "model": student, "method": method, **hyper, **expect})
+
+    variants = ["plain"] + (["tofd"] if any(m.teacher == "tofd" for m in methods) else [])
+    for variant in variants:
+        for teacher in sweep.teachers:
+            for seed in sweep.seeds:
+                tofd = variant == "tofd"
+                add(f"{'TOFD ' if tofd else ''}teacher {teacher} seed {seed}", "train_teacher.py",
+                    sweep.teacher_dir(teacher, seed, variant), sweep.teacher_epochs, seed,
+                    ["--model", teacher, *(["--tofd"] if tofd else [])], [], {"stage": "teacher", "model": teacher})
     for teacher in sweep.teachers:
         for seed in sweep.seeds:
             teacher_dir = sweep.teacher_dir(teacher, seed)
-            add(f"heads {teacher} seed {seed}", "train_heads.py", sweep.heads_dir(teacher, seed), sweep.heads_epochs,
-                seed, ["--teacher", teacher, "--teacher_ckpt", str(teacher_dir / "teacher.pt")], [teacher_dir],
-                {"stage": "heads", "model": teacher})
+            uses_teacher = ["--teacher", teacher, "--teacher_ckpt", str(teacher_dir / "teacher.pt")]
+            if any(m.heads for m in methods):
+                add(f"heads {teacher} seed {seed}", "train_heads.py", sweep.heads_dir(teacher, seed),
+                    sweep.heads_epochs, seed, uses_teacher, [teacher_dir], {"stage": "heads", "model": teacher})
+            ta = sweep.assistant(teacher)
+            if any(m.assistant for m in methods) and ta is not None:
+                add_student(ta, "kd", teacher, seed, uses_teacher, [teacher_dir], {"teacher": teacher})
     for student in sweep.students:
-        for method in sweep.methods:
+        for method in methods:
             for teacher in sweep.teachers:  # a CE student's folder names no teacher: `add` keeps one node
                 for seed in sweep.seeds:
-                    out_dir = sweep.student_dir(student, method, teacher, seed)
-                    flags, deps = ["--student", student, "--method", method], []
-                    expect: dict[str, Any] = {"stage": "student", "model": student, "method": method}
-                    if method != "ce":
-                        teacher_dir, heads_dir = sweep.teacher_dir(teacher, seed), sweep.heads_dir(teacher, seed)
-                        deps = [teacher_dir, heads_dir] if method == "dih" else [teacher_dir]
-                        flags += ["--teacher", teacher, "--teacher_ckpt", str(teacher_dir / "teacher.pt")]
-                        flags += ["--heads_ckpt", str(heads_dir / "heads.pt")] if method == "dih" else []
-                        flags += ["--alpha", str(sweep.alpha), "--temperature", str(sweep.temperature)]
-                        expect |= {"teacher": teacher, "alpha": sweep.alpha, "temperature": sweep.temperature}
-                    name = f"{method} student {student}" + (f" <- {teacher}" if method != "ce" else "")
-                    add(f"{name} seed {seed}", "test_dih.py", out_dir, sweep.epochs, seed, flags, deps, expect)
+                    if method.teacher == "none":
+                        add_student(student, method.name, teacher, seed, [], [], {"teacher": None})
+                        continue
+                    teacher_dir = sweep.teacher_dir(teacher, seed, method.teacher)
+                    deps = [teacher_dir]
+                    extra = ["--teacher", teacher, "--teacher_ckpt", str(teacher_dir / "teacher.pt")]
+                    expect: dict[str, Any] = {"teacher": teacher}
+                    if method.heads:
+                        deps.append(sweep.heads_dir(teacher, seed))
+                        extra += ["--heads_ckpt", str(deps[-1] / "heads.pt")]
+                    if method.assistant:
+                        ta = sweep.assistant(teacher)
+                        if ta is None:
+                            continue  # no assistant defined for so small a teacher: no TAKD row
+                        deps.append(sweep.student_dir(ta, "kd", teacher, seed))
+                        extra += ["--ta", ta, "--ta_ckpt", str(deps[-1] / "student.pt")]
+                        expect["ta"] = ta
+                    add_student(student, method.name, teacher, seed, extra, deps, expect)
     return list(nodes.values())
+
+
+def hyper_flags(hyper: dict[str, Any]) -> list[str]:
+    """A method's hyper-parameters as test_dih.py flags, so that each command states every value it uses."""
+    flags: list[str] = []
+    for key, value in hyper.items():
+        if isinstance(value, bool):
+            flags.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
 
 
 def stage_flags(sweep: Sweep, epochs: int, seed: int) -> list[str]:

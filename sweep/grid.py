@@ -9,17 +9,19 @@ from typing import Any
 
 import cli
 from data import dataset_tag
+from methods import METHODS as REGISTRY
 from methods import run_name
+from methods.takd import default_assistant
 from models import MODEL_NAMES
 from utils import UserError, parse_schedule
 
-METHODS = ("ce", "kd", "dih")
+METHODS = tuple(REGISTRY)  # every method of the paper's comparison, in its table's order
 
-# SPEC section 1 (the original's Table 2): the same optimiser settings for all three stages.
+# SPEC section 1 (the original's Table 2): the same optimiser settings for every stage and every method
+# (BASELINES.md, ground rule 1); each method's own hyper-parameters are its defaults (methods/).
 PAPER = {
     "students": ["res8"], "methods": list(METHODS), "seeds": [30, 50, 67], "epochs": 200, "batch_size": 64,
     "lr": 0.1, "momentum": 0.9, "wd": 5e-4, "nesterov": True, "schedule": [60, 120, 180], "gamma": 0.1,
-    "alpha": 0.1, "temperature": 5.0,
 }
 # Table 1's teachers (SPEC section 1). ResNet-8 is among its CIFAR ResNets, but it is the student here:
 # distilling res8 into res8 is no row of the paper's table.
@@ -28,7 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for `make demo` on 2 CPU cores: ten stage runs in about six minutes (an epoch of res20 takes
     # ~25 s there, of res8 ~10 s). A short run wants a gentler LR, then a tenth of it for the last epoch.
     "demo": {
-        "dataset": "synthetic", "teachers": ["res20"], "students": ["res8"], "methods": list(METHODS),
+        "dataset": "synthetic", "teachers": ["res20"], "students": ["res8"], "methods": ["ce", "kd", "dih"],
         "seeds": [30, 50], "epochs": 2, "heads_epochs": 1, "lr": 0.05, "schedule": [1],
     },
     "paper-cifar100": {**PAPER, "dataset": "cifar100", "teachers": TABLE1_TEACHERS},
@@ -37,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Without a preset: the paper's settings on CIFAR-100, for the teachers named by --teachers.
 DEFAULTS: dict[str, Any] = {
     **PAPER, "dataset": "cifar100", "data_dir": "./data", "teachers": [], "teacher_epochs": None,
-    "heads_epochs": None,
+    "heads_epochs": None, "alpha": None, "temperature": None, "hint_epochs": None,
 }
 
 
@@ -62,8 +64,9 @@ class Sweep:
     nesterov: bool
     schedule: list[int]
     gamma: float
-    alpha: float
-    temperature: float
+    alpha: float | None  # None: each method's default
+    temperature: float | None
+    hint_epochs: int | None
     runs_dir: Path
     results_dir: Path
 
@@ -71,16 +74,36 @@ class Sweep:
         """The stage scripts' own default folder for a run (`cli.default_dir`), under --runs_dir."""
         return self.runs_dir / cli.default_dir(dataset_tag(self.dataset), name, seed).relative_to("runs")
 
-    def teacher_dir(self, teacher: str, seed: int) -> Path:
-        return self.run_dir(f"teacher-{teacher}", seed)
+    def teacher_dir(self, teacher: str, seed: int, variant: str = "plain") -> Path:
+        """A stage-1 teacher's folder; `variant="tofd"` the TOFD teacher's (trained with its aux classifiers)."""
+        return self.run_dir(f"teacher-{teacher}" + ("" if variant == "plain" else f"-{variant}"), seed)
 
     def heads_dir(self, teacher: str, seed: int) -> Path:
         return self.run_dir(f"heads-{teacher}", seed)
 
+    def hyper(self, method: str) -> dict[str, Any]:
+        """The method's hyper-parameters: its defaults, with --alpha/--temperature applied to the KD family.
+
+        The KD family are the methods whose KD term is on by default (KD, FitNets, TAKD, MHKD, DIH); AT and CRD
+        keep α = 0, the setting their baseline stands for.
+        """
+        hyper = dict(REGISTRY[method].defaults)
+        if hyper.get("alpha", 0) > 0:
+            for key in ("alpha", "temperature"):
+                if getattr(self, key) is not None:
+                    hyper[key] = getattr(self, key)
+        if "hint_epochs" in hyper and self.hint_epochs is not None:
+            hyper["hint_epochs"] = self.hint_epochs
+        return hyper
+
+    def assistant(self, teacher: str) -> str | None:
+        """TAKD's assistant for `teacher` (BASELINES.md); None: no TAKD row for it."""
+        return default_assistant(teacher)
+
     def student_dir(self, student: str, method: str, teacher: str, seed: int) -> Path:
         """test_dih.py's own folder name; the CE baseline's names no teacher: one run serves every teacher's row."""
-        hyper = {"alpha": self.alpha, "temperature": self.temperature}
-        return self.run_dir(run_name(student, method, teacher, hyper), seed)
+        ta = self.assistant(teacher) if REGISTRY[method].assistant else None
+        return self.run_dir(run_name(student, method, teacher, self.hyper(method), ta), seed)
 
 
 def add_grid_flags(p: argparse.ArgumentParser) -> None:
@@ -90,7 +113,7 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_dir", help="where CIFAR is read from or downloaded to (default ./data)")
     p.add_argument("--teachers", nargs="+", help=f"teacher models, of {', '.join(MODEL_NAMES)}")
     p.add_argument("--students", nargs="+", help="student models (default res8)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: ce kd dih")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 30 50 67, the paper's")
     p.add_argument("--epochs", type=int, help="epochs of each student run, and of the other stages unless set")
     p.add_argument("--teacher_epochs", type=int, help="epochs of each teacher run (default: --epochs)")
@@ -102,8 +125,10 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     p.add_argument("--schedule", nargs="+", help="LR milestones, e.g. 60 120 180")
     p.add_argument("--gamma", type=float, help="LR decay factor at each milestone")
-    p.add_argument("--alpha", type=float, help="weight of the distillation term (KD and DIH)")
-    p.add_argument("--temperature", type=float, help="softmax temperature (KD and DIH)")
+    p.add_argument("--alpha", type=float, help="weight of the KD term, for the methods whose KD term is on by "
+                                               "default (KD, FitNets, TAKD, MHKD, DIH; default: each method's)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of those methods' KD term")
+    p.add_argument("--hint_epochs", type=int, help="epochs of FitNets' hint phase (default: 40)")
     p.add_argument("--runs_dir", default="runs", help="root of the run folders")
     p.add_argument("--results_dir", default="results", help="the table and plots go to <results_dir>/<preset>/")
 
@@ -124,13 +149,15 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
     values["schedule"] = parse_schedule([str(m) for m in values["schedule"]])
     for key in ("teacher_epochs", "heads_epochs"):
         values[key] = values["epochs"] if values[key] is None else values[key]
-    for key in ("epochs", "teacher_epochs", "heads_epochs", "batch_size"):
-        if values[key] < 1:
+    for key in ("epochs", "teacher_epochs", "heads_epochs", "batch_size", "hint_epochs"):
+        if values[key] is not None and values[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {values[key]}")
+    temperature, alpha = values["temperature"], values["alpha"]
     for key, ok, rule in (("lr", values["lr"] > 0, "positive"), ("gamma", values["gamma"] > 0, "positive"),
-                          ("temperature", values["temperature"] > 0, "positive"),
+                          ("temperature", temperature is None or temperature > 0, "positive"),
                           ("momentum", values["momentum"] >= 0, "non-negative"),
-                          ("wd", values["wd"] >= 0, "non-negative"), ("alpha", 0 <= values["alpha"] <= 1, "in [0, 1]")):
+                          ("wd", values["wd"] >= 0, "non-negative"), ("alpha", alpha is None or 0 <= alpha <= 1,
+                                                                      "in [0, 1]")):
         if not ok:
             raise UserError(f"--{key} must be {rule}, got {values[key]}")
     values["name"] = args.preset or "custom"
@@ -148,7 +175,7 @@ def grid_flags(sweep: Sweep) -> list[str]:
     flags = ["--preset", sweep.name] if sweep.name in PRESETS else []
     for f in fields(Sweep):
         value = getattr(sweep, f.name)
-        if f.name == "name":
+        if f.name == "name" or value is None:
             continue
         if f.name == "schedule":
             flags += ["--schedule", *schedule_tokens(value)]

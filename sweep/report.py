@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from methods.takd import parameter_count
 from utils import atomic_write_text
 
 from .graph import read_summary
-from .grid import Sweep
+from .grid import METHODS, Sweep
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ class Stat:
         return f"{self.mean:.2f}{spread} (n={self.n})"
 
 
+def label(method: str) -> str:
+    """A method's name in tables and legends."""
+    return {"fitnets": "FitNets"}.get(method, method.upper())
+
+
+def colour(method: str) -> str:
+    """One colour per method in every plot (matplotlib's tab10, by the method's place in the comparison)."""
+    return f"C{METHODS.index(method) % 10}"
+
+
 def aggregate(sweep: Sweep) -> list[dict[str, str | Stat]]:
     """One row per teacher -> student; final-epoch accuracy first, best-epoch only in labelled columns."""
     rows = []
@@ -51,15 +62,18 @@ def aggregate(sweep: Sweep) -> list[dict[str, str | Stat]]:
         for student in sweep.students:
             row: dict[str, str | Stat] = {"teacher": teacher, "student": student,
                                           "teacher acc": final_accs(teachers)}
+            if "tofd" in sweep.methods:
+                tofd = [read_summary(sweep.teacher_dir(teacher, seed, "tofd")) for seed in sweep.seeds]
+                row["TOFD teacher acc"] = final_accs(tofd)
             for tap in taps:
                 row[f"head {tap}"] = Stat(tuple(h["final_test_acc"] for summary in heads if summary
                                                 for h in summary["heads"] if h["tap"] == tap))
             students = {m: [read_summary(sweep.student_dir(student, m, teacher, seed)) for seed in sweep.seeds]
                         for m in sweep.methods}
             for method, summaries in students.items():
-                row[method.upper()] = final_accs(summaries)
+                row[label(method)] = final_accs(summaries)
             for method, summaries in students.items():
-                row[f"{method.upper()} best epoch"] = Stat(tuple(s["best_test_acc"] for s in summaries if s))
+                row[f"{label(method)} best epoch"] = Stat(tuple(s["best_test_acc"] for s in summaries if s))
             rows.append(row)
     return rows
 
@@ -117,8 +131,13 @@ def read_curve(out_dir: Path) -> list[float]:
 
 
 def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
-    """curves.png: test accuracy by epoch per method (mean over seeds, min–max band), one panel per teacher;
-    bars.png: the table as grouped bars with ±std error bars."""
+    """Three figures, each method in its own colour throughout:
+
+    curves.png: test accuracy by epoch per method (mean over seeds, min–max band), one panel per teacher;
+    bars.png: the table as grouped bars with ±std error bars;
+    gap.png: the paper's argument at a glance — final student accuracy against teacher size (parameters, log
+    axis), one line per method with its seed spread (the capacity gap: where KD falls off, DIH should not).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +147,7 @@ def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(sweep.teachers), figsize=(max(6.5, 5.0 * len(sweep.teachers)), 4), squeeze=False)
     for ax, teacher in zip(axes[0], sweep.teachers, strict=True):
-        for student in sweep.students:
+        for student_index, student in enumerate(sweep.students):
             for method in sweep.methods:
                 runs = [sweep.student_dir(student, method, teacher, seed) for seed in sweep.seeds]
                 curves = [curve for run in runs if (curve := read_curve(run))]
@@ -137,9 +156,10 @@ def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
                 length = min(map(len, curves))
                 stacked = np.array([c[:length] for c in curves])
                 epochs = np.arange(1, length + 1)
-                label = f"{student} {method.upper()} (n={len(curves)})"
-                (line,) = ax.plot(epochs, stacked.mean(0), marker=".", label=label)
-                ax.fill_between(epochs, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.2)
+                style = ("-", "--", ":", "-.")[student_index % 4]
+                ax.plot(epochs, stacked.mean(0), style, color=colour(method),
+                        label=f"{student} {label(method)} (n={len(curves)})")
+                ax.fill_between(epochs, stacked.min(0), stacked.max(0), color=colour(method), alpha=0.15)
         ax.set(title=f"teacher {teacher}", xlabel="epoch", ylabel="test accuracy (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
@@ -149,19 +169,45 @@ def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
 
-    groups = ["teacher acc"] + [m.upper() for m in sweep.methods]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.5 * len(rows) * len(groups)), 4))
+    groups = [("teacher acc", "black", "teacher")] + [(label(m), colour(m), label(m)) for m in sweep.methods]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.4 * len(rows) * len(groups)), 4))
     width = 0.8 / len(groups)
-    for i, group in enumerate(groups):
-        stats = [row[group] for row in rows]
+    for i, (column, color, name) in enumerate(groups):
+        stats = [row[column] for row in rows]
         ax.bar(np.arange(len(rows)) + i * width, [s.mean if s.n else np.nan for s in stats], width,
-               yerr=[s.std or 0.0 for s in stats], capsize=3, label=group.replace(" acc", ""))
+               yerr=[s.std or 0.0 for s in stats], capsize=2, color=color, label=name)
     ax.set_xticks(np.arange(len(rows)) + width * (len(groups) - 1) / 2,
-                  [f"{row['teacher']} -> {row['student']}" for row in rows])
+                  [f"{row['teacher']} -> {row['student']}" for row in rows], rotation=30, ha="right")
     ax.set(ylabel="final test accuracy (%)", title=f"{sweep.name}: mean ± std over seeds")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(out / "bars.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(sweep.students), figsize=(6.5 * len(sweep.students), 4.5), squeeze=False)
+    size = {teacher: parameter_count(teacher) for teacher in sweep.teachers}
+    for ax, student in zip(axes[0], sweep.students, strict=True):
+        ordered = sorted((row for row in rows if row["student"] == student), key=lambda row: size[row["teacher"]])
+        x = np.array([size[row["teacher"]] for row in ordered], dtype=float)
+        for method in sweep.methods:
+            stats = [row[label(method)] for row in ordered]
+            mean = np.array([s.mean if s.n else np.nan for s in stats])
+            if np.isnan(mean).all():
+                continue
+            spread = np.array([s.std or 0.0 for s in stats])
+            ax.errorbar(x, mean, yerr=spread, color=colour(method), marker="o", capsize=3, label=label(method),
+                        linestyle="--" if method == "ce" else "-")  # CE has no teacher: its line is flat
+        ax.set_xscale("log")
+        ax.set(title=f"student {student}", xlabel="teacher parameters (log scale)",
+               ylabel="student's final test accuracy (%)")
+        for row, position in zip(ordered, x, strict=True):
+            ax.annotate(row["teacher"], (position, ax.get_ylim()[0]), fontsize="x-small", rotation=90,
+                        xytext=(2, 4), textcoords="offset points")
+        if ax.lines:
+            ax.legend(fontsize="small", ncol=2)
+    fig.suptitle(f"{sweep.name}: the capacity gap (mean ± std over seeds)", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(out / "gap.png", dpi=120)
     plt.close(fig)
 
 

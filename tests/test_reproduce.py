@@ -16,7 +16,7 @@ from conftest import ROOT, assert_clean_failure, run_script
 
 import reproduce
 from sweep.graph import build_graph, is_finished
-from sweep.grid import Sweep, make_sweep
+from sweep.grid import METHODS, Sweep, make_sweep
 from sweep.local import exclusive, execute
 from sweep.report import aggregate, report
 from utils import UserError
@@ -42,7 +42,7 @@ def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny
     assert (teacher_dir / "log.txt").read_text().count("stage 1:") == 1  # one process trained it, for both students
     assert len((teacher_dir / "metrics.jsonl").read_text().splitlines()) == 1
     out = tmp_path / "results" / "custom"
-    assert {"results.md", "results.csv", "curves.png", "bars.png"} <= {p.name for p in out.iterdir()}
+    assert {"results.md", "results.csv", "curves.png", "bars.png", "gap.png"} <= {p.name for p in out.iterdir()}
     assert "| res8 | res8 |" in first.table
 
     started = time.perf_counter()
@@ -57,8 +57,39 @@ def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny
     assert (kd_dir / "summary.json").exists()
 
 
+def test_every_method_of_the_comparison_runs_through_the_sweep(tiny_npz, tmp_path):
+    """Each baseline joins the grid: TAKD's assistant is a node of its own, shared; every column gets a value."""
+    argv = tiny_sweep(tiny_npz, tmp_path, "--teachers", "res20", "--hint_epochs", "1")
+    outcome = reproduce.main([*argv, "--jobs", "2"])
+    assert not outcome.failed and not outcome.skipped
+    labels = [node.label for node in outcome.launched]
+    shared = ["teacher res20 seed 30", "heads res20 seed 30", "kd student res14 <- res20 seed 30"]  # the TA
+    assert set(shared) <= set(labels) and len(labels) == len(set(labels)) == len(shared) + len(METHODS)
+    rows = aggregate(sweep_of(argv))
+    for method in METHODS:
+        column = {"fitnets": "FitNets"}.get(method, method.upper())
+        assert rows[0][column].n == 1, column
+    takd = json.loads((tmp_path / "runs" / "tiny" / "student-res8-takd-res20-ta-res14-a0.1-t5-seed30"
+                       / "summary.json").read_text())
+    assert takd["ta"] == "res14"
+    assert (tmp_path / "results" / "custom" / "gap.png").stat().st_size > 0
+
+
+def test_paper_preset_lists_every_method_for_its_teachers():
+    result = run_script("reproduce.py", "--preset", "paper-cifar100", "--dry_run")
+    assert result.returncode == 0, result.stderr
+    methods = re.findall(r"--student (\S+) --method (\S+)", result.stdout)
+    count = {method: sum(1 for s, m in methods if m == method and s == "res8") for method in METHODS}
+    teachers, seeds = 9, 3
+    assert count.pop("ce") == seeds  # one CE run per seed serves every teacher's row
+    assert count.pop("takd") == (teachers - 1) * seeds  # no assistant is defined for res14
+    assert set(count.values()) == {teachers * seeds}
+    assistants = [s for s, m in methods if s != "res8"]
+    assert assistants == ["res14"] * seeds + ["res20"] * (teachers - 2) * seeds
+
+
 def test_a_failed_run_skips_its_dependents_and_the_others_go_on(tiny_npz, tmp_path):
-    sweep = sweep_of(tiny_sweep(tiny_npz, tmp_path))
+    sweep = sweep_of(tiny_sweep(tiny_npz, tmp_path, "--methods", "ce", "kd", "dih"))
     nodes = build_graph(sweep)
     heads = next(node for node in nodes if node.label.startswith("heads"))
     heads.argv = [sys.executable, "-c", "import sys; sys.exit('heads broke')"]
@@ -124,8 +155,8 @@ def test_missing_runs_show_as_a_dash(tmp_path):
 
 
 def test_report_only_tabulates_a_half_done_sweep_and_runs_nothing(tmp_path, capsys):
-    argv = ["--teachers", "res20", "--seeds", "30", "50", "--runs_dir", str(tmp_path / "runs"),
-            "--results_dir", str(tmp_path / "res")]
+    argv = ["--teachers", "res20", "--methods", "ce", "kd", "dih", "--seeds", "30", "50",
+            "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "res")]
     teacher = build_graph(sweep_of(argv))[0]
     write_run(teacher.out_dir, [60.0, 70.0], **teacher.expect, dataset="cifar100")
     outcome = reproduce.main([*argv, "--report_only"])
@@ -147,7 +178,7 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
 
 
 def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_it_waits_for(capsys):
-    reproduce.main(["--preset", "paper-cifar100", "--dry_run"])
+    reproduce.main(["--preset", "paper-cifar100", "--methods", "ce", "kd", "dih", "--dry_run"])
     levels: list[list[tuple[list[str], list[str]]]] = []
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("# level"):
@@ -178,14 +209,16 @@ def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_
                for t in teachers for s in seeds]
     third = [(command("test_dih.py", "--student", "res8", "--method", "dih", *ckpts(t, s), "--heads_ckpt",
                       f"runs/cifar100/heads-{t}-seed{s}/heads.pt", "--alpha", "0.1", "--temperature", "5.0",
-                      seed=s, out=f"student-res8-dih-{t}-a0.1-t5"), [f"teacher-{t}-seed{s}", f"heads-{t}-seed{s}"])
+                      "--cohort_reduction", "sum", seed=s, out=f"student-res8-dih-{t}-a0.1-t5"),
+              [f"teacher-{t}-seed{s}", f"heads-{t}-seed{s}"])
              for t in teachers for s in seeds]
     assert len(first) + len(second) + len(third) == 9 * 3 + 9 * 3 + (9 * 2 + 1) * 3 == 111
     assert levels == [first, second, third]
 
 
 def test_flags_override_the_preset_and_ce_is_shared_by_every_teacher():
-    argv = ["--preset", "paper-cifar10", "--teachers", "res20", "res56", "--seeds", "1", "--epochs", "3"]
+    argv = ["--preset", "paper-cifar10", "--teachers", "res20", "res56", "--seeds", "1", "--epochs", "3",
+            "--methods", "dih", "ce", "kd"]
     sweep = sweep_of(argv)
     assert (sweep.dataset, sweep.epochs, sweep.teacher_epochs, sweep.lr) == ("cifar10", 3, 3, 0.1)
     students = [node for node in build_graph(sweep) if "student" in node.label]
