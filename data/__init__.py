@@ -35,19 +35,19 @@ from .device import (
     to_device,
     train_batches,
 )
-from .npz import Npz, save_npz
-from .synthetic import Synthetic, make_synthetic
+from .npz import NpzSource, save_npz
+from .synthetic import SyntheticSource, make_synthetic
 from .tinyimagenet import TinyImageNetSource
 
 __all__ = [
     "BUILTIN", "CIFAR_SOURCES", "DEFAULT_PAD_MODE", "PAD", "PAD_MODES", "SOURCES", "TINYIMAGENET", "Batch",
-    "CifarSource", "DataError", "DeviceDataset", "HostData", "Source", "TinyImageNetSource", "crop_flip",
-    "dataset_tag", "from_arrays", "load_dataset", "make_synthetic", "num_train_batches", "save_npz",
-    "source_for", "test_batches", "train_batches",
+    "CifarSource", "DataError", "DeviceDataset", "HostData", "NpzSource", "Source", "SyntheticSource",
+    "TinyImageNetSource", "crop_flip", "dataset_tag", "from_arrays", "load_dataset", "make_synthetic",
+    "num_train_batches", "save_npz", "source_for", "test_batches", "train_batches",
 ]
 
 TINYIMAGENET = TinyImageNetSource()
-SOURCES: dict[str, Source] = {**CIFAR_SOURCES, "tinyimagenet": TINYIMAGENET, "synthetic": Synthetic()}
+SOURCES: dict[str, Source] = {**CIFAR_SOURCES, "tinyimagenet": TINYIMAGENET, "synthetic": SyntheticSource()}
 BUILTIN = tuple(SOURCES)
 DOWNLOADED = (CifarSource, TinyImageNetSource)  # the sources a --data_url can point at
 
@@ -64,7 +64,7 @@ def dataset_tag(spec: str) -> str:
 def source_for(spec: str) -> Source:
     """The source behind a --dataset value: a built-in name or a path to a .npz file."""
     dataset_tag(spec)  # rejects unknown names with the standard message
-    return SOURCES[spec] if spec in SOURCES else Npz(Path(spec).expanduser())
+    return SOURCES[spec] if spec in SOURCES else NpzSource(Path(spec).expanduser())
 
 
 def load_dataset(

@@ -38,7 +38,7 @@ class HostData:
 
 
 class Source(Protocol):
-    """Where a dataset comes from: `CifarSource`, `TinyImageNetSource`, `Synthetic`, `Npz`."""
+    """Where a dataset comes from: `CifarSource`, `TinyImageNetSource`, `SyntheticSource`, `NpzSource`."""
 
     def load(self, data_dir: Path) -> HostData:
         """The whole dataset, checked; archives are read from (or downloaded into) `data_dir`."""

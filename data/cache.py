@@ -74,8 +74,10 @@ def read(path: Path, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[s
     """The arrays and info stored in `path`; None if there is no such file; `StaleCache` if it must be rebuilt."""
     try:
         f = open(path, "rb")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        raise StaleCache(f"cannot be read ({one_line(exc)})") from None
     with f:
         if f.read(len(MAGIC)) != MAGIC:
             raise StaleCache("does not start like a cache file of this version")

@@ -25,6 +25,7 @@ def save_npz(
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, 0o644)  # mkstemp makes files private; a dataset is meant to be shared
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         os.replace(tmp_name, path)
@@ -33,7 +34,7 @@ def save_npz(
 
 
 @dataclass(frozen=True)
-class Npz:
+class NpzSource:
     """``--dataset PATH.npz``; its recorded name carries a hash of the file, so checkpoints know the data."""
 
     path: Path

@@ -166,7 +166,7 @@ def _default_synthetic() -> tuple[np.ndarray, ...]:
 
 
 @dataclass(frozen=True)
-class Synthetic:
+class SyntheticSource:
     """``--dataset synthetic``: the default-sized set from seed 0, the same on every machine."""
 
     def load(self, data_dir: Path) -> HostData:

@@ -1,4 +1,4 @@
-"""Tests for data.py: on-device augmentation, the synthetic dataset, npz checks, the offline CIFAR path."""
+"""Tests for the data package: on-device augmentation at any size, the synthetic set, npz checks, offline CIFAR."""
 
 import dataclasses
 import hashlib

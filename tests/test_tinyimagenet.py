@@ -142,6 +142,13 @@ def test_wrong_md5_or_size_refused(tmp_path, http_server, change, message):
     one_line(exc)
 
 
+def test_data_dir_is_a_file(tmp_path):
+    (tmp_path / "occupied").write_text("")
+    with pytest.raises(DataError, match="cannot create the data directory .*occupied") as exc:
+        data.load_dataset("tinyimagenet", tmp_path / "occupied", CPU)
+    one_line(exc)
+
+
 def damage_payload(raw: bytes) -> bytes:
     return raw[:-200] + bytes([raw[-200] ^ 1]) + raw[-199:]
 
