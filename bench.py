@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import cli
-from data import CIFAR_SOURCES, Batch, DeviceDataset, test_batches, train_batches
+from data import CIFAR_SOURCES, Batch, DeviceDataset, from_arrays, test_batches, train_batches
 from engine import Stage, TrainConfig, make_optimizer, make_train_step, trainable_parameters
 from heads import IntermediateHeads, heads_for
 from methods import Setup
@@ -86,9 +86,8 @@ def random_images(n: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, 
 
 def device_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int, device: torch.device) -> DeviceDataset:
     """The images held on `device` the way `data.load_dataset` holds a dataset; the test split is the same set."""
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
-    y = torch.from_numpy(labels).to(device)
-    return DeviceDataset("random", num_classes, x, y, x, y, MEAN, STD)
+    return from_arrays(images, labels, images, labels, device, name="random", num_classes=num_classes, mean=MEAN,
+                       std=STD)
 
 
 def calibrate_bn(model: nn.Module, x: Tensor) -> None:

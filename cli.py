@@ -28,8 +28,11 @@ class Parser(argparse.ArgumentParser):
 def common_parser(description: str) -> Parser:
     """Flags every stage takes; defaults are the paper's (Table 2 of the original README)."""
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="cifar100", help="cifar10, cifar100, synthetic, or a PATH.npz of your own")
-    p.add_argument("--data_dir", default="./data", help="where CIFAR is downloaded to / read from")
+    p.add_argument("--dataset", default="cifar100",
+                   help="cifar10, cifar100, tinyimagenet, synthetic, or a PATH.npz of your own")
+    p.add_argument("--data_dir", default="./data", help="where CIFAR and Tiny-ImageNet are downloaded to / read from")
+    p.add_argument("--data_url", default=None,
+                   help="a mirror of the dataset's archive (http, https, file:// or a path; default: the official URL)")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
@@ -119,27 +122,32 @@ def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "reru
         sys.exit(2)
 
 
-def build(name: str, num_classes: int, device: torch.device, channels_last: bool) -> TapModel:
-    """Build a registered model on `device`; an unknown name is a user error that lists the choices."""
+def build(name: str, num_classes: int, device: torch.device, channels_last: bool, image_size: int) -> TapModel:
+    """Build a registered model on `device`; an unknown name, or images too small for it, is a user error."""
     try:
         model = build_model(name, num_classes)
     except ValueError as err:
         raise UserError(str(err)) from None
+    try:
+        model.tap_shapes(image_size)  # one batch-1 pass: VGG-11's five max-pools need 32 pixels or more
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"{name} cannot classify {image_size}x{image_size} images ({reason})") from None
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
 def load_data(args: argparse.Namespace, device: torch.device) -> DeviceDataset:
     """The dataset named by --dataset, held on `device` (bad data raises `data.DataError`, a `UserError`)."""
-    return load_dataset(args.dataset, args.data_dir, device)
+    return load_dataset(args.dataset, args.data_dir, device, url=args.data_url)
 
 
-def print_model_summary(model: torch.nn.Module, device: torch.device) -> None:
+def print_model_summary(model: torch.nn.Module, device: torch.device, image_size: int) -> None:
     """torchsummary's layer table; imported lazily because it is optional (GPU images often lack it)."""
     try:
         from torchsummary import summary
     except ImportError:
         raise UserError("--summary needs the torchsummary package: pip install torchsummary") from None
-    summary(model, (3, 32, 32), device=device.type)
+    summary(model, (3, image_size, image_size), device=device.type)
 
 
 def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None) -> dict[str, Any]:
@@ -153,6 +161,7 @@ def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None
     command = (f"python3 train_teacher.py --model {name}{' --tofd' if variant else ''} --dataset {args.dataset} "
                f"--seed {args.seed}")
     ckpt = load_checkpoint(path, ("teacher", "student"), "--teacher_ckpt", hint=f"train it with: {command}")
+    ckpt.setdefault("image_size", 32)  # written before checkpoints recorded it, when every dataset was 32x32
     if ckpt.get("variant") != variant:
         have = ckpt.get("variant") or "plain"
         raise UserError(f"--teacher_ckpt: {path} holds a {have} teacher, but this run needs a {variant or 'plain'} "
@@ -162,9 +171,13 @@ def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None
 
 
 def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: torch.device, cfg: TrainConfig):
-    """The frozen teacher from `read_teacher`'s checkpoint, checked against the data; and its identity."""
-    expect_match(ckpt, "--teacher_ckpt", model=name, num_classes=data.num_classes, dataset=data.name)
-    teacher = build(name, data.num_classes, device, cfg.channels_last)
+    """The frozen teacher from `read_teacher`'s checkpoint, checked against the data; and its identity.
+
+    The image size is checked before the dataset, so that a 32x32 teacher offered 64x64 data says so.
+    """
+    expect_match(ckpt, "--teacher_ckpt", model=name, image_size=data.image_size, num_classes=data.num_classes,
+                 dataset=data.name)
+    teacher = build(name, data.num_classes, device, cfg.channels_last, data.image_size)
     load_weights(teacher, ckpt, "--teacher_ckpt")
     if model_fingerprint(teacher) != ckpt["fingerprint"]:
         raise UserError(f"--teacher_ckpt: the weights in {ckpt['path']} do not match their recorded fingerprint "

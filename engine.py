@@ -30,7 +30,7 @@ from utils import UserError, atomic_write_json, atomic_write_text, lr_at
 RESUME_FILE = "last.pt"
 EXTRAS_FILE = "extras.pt"
 # Arguments that may change when a run is resumed: where it runs and where it reads and writes.
-RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "out_dir", "compile", "summary"})
+RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "compile", "summary"})
 
 StepOutput = tuple[Tensor, list[Tensor]]  # (loss, logits of each classifier being trained)
 
@@ -307,7 +307,8 @@ def _finish(out_dir: Path, stage: Stage, data, cfg: TrainConfig, phases: list[Ph
     """Write the final weights (and the extras, apart), then summary.json (its presence marks the run done)."""
     weights_file = f"{stage.kind}.pt"
     fingerprint = model_fingerprint(stage.model)
-    meta = {"dataset": data.name, "num_classes": data.num_classes, "epoch": len(history), "args": args}
+    meta = {"dataset": data.name, "num_classes": data.num_classes, "image_size": data.image_size, "epoch": len(history),
+            "args": args}
     save_checkpoint(out_dir / weights_file, stage.kind, stage.model.state_dict(), **meta, fingerprint=fingerprint,
                     **stage.checkpoint_meta())
     if len(stage.extras):

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             teacher, ta_identity = cli.build_teacher(assistant, args.ta, data, device, cfg)
             meta |= {"ta": args.ta, "ta_fingerprint": ta_identity["fingerprint"]}
     torch.manual_seed(args.seed)
-    student = cli.build(args.student, data.num_classes, device, cfg.channels_last)
+    student = cli.build(args.student, data.num_classes, device, cfg.channels_last, data.image_size)
     setup = Setup(student=student, teacher=teacher, hyper=hyper, data=data, meta=meta, heads=heads,
                   teacher_ckpt=teacher_ckpt)
     stage = method.build(setup)

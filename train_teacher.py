@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = cli.load_data(args, device)
     torch.manual_seed(args.seed)
-    model = cli.build(args.model, data.num_classes, device, cfg.channels_last)
+    model = cli.build(args.model, data.num_classes, device, cfg.channels_last, data.image_size)
     if args.summary:
-        cli.print_model_summary(model, device)
+        cli.print_model_summary(model, device, data.image_size)
     print(f"stage 1: {args.model} on {data.name} ({data.num_classes} classes) on {device} -> {out_dir}")
     summary = fit(TeacherTraining(model, args.model), data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
     print(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch {summary['best_epoch']}: "

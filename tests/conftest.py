@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,32 @@ def tiny_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
     save_npz(path, *make_synthetic(256, 128, seed=0))
     return path
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve tmp_path/serve on 127.0.0.1; yields the base URL and a function that stops the server."""
+    (tmp_path / "serve").mkdir(exist_ok=True)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(QuietHandler, directory=str(tmp_path / "serve"))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    stopped = []
+
+    def stop():
+        if not stopped:
+            server.shutdown()
+            server.server_close()
+            stopped.append(True)
+
+    yield f"http://127.0.0.1:{server.server_address[1]}", stop
+    stop()
 
 
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

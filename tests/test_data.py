@@ -1,11 +1,11 @@
-"""Tests for data.py: on-device augmentation, the synthetic dataset, npz checks, the offline CIFAR path."""
+"""Tests for the data package: on-device augmentation at any size, the synthetic set, npz checks, offline CIFAR."""
 
 import dataclasses
 import hashlib
-import http.server
 import pickle
 import tarfile
-import threading
+import urllib.parse
+import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -19,11 +19,11 @@ from data import DataError, DeviceDataset
 CPU = torch.device("cpu")
 
 
-def random_dataset(n_train: int, n_test: int = 5, seed: int = 0) -> DeviceDataset:
+def random_dataset(n_train: int, n_test: int = 5, seed: int = 0, size: int = 32) -> DeviceDataset:
     """Noise images (so every crop is unique) labelled 0..n_train-1, so a label names its source image."""
     rng = np.random.default_rng(seed)
-    x_train = torch.from_numpy(rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8))
-    x_test = torch.from_numpy(rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8))
+    x_train = torch.from_numpy(rng.integers(0, 256, (n_train, 3, size, size), dtype=np.uint8))
+    x_test = torch.from_numpy(rng.integers(0, 256, (n_test, 3, size, size), dtype=np.uint8))
     return DeviceDataset(
         name="noise",
         num_classes=n_train,
@@ -46,25 +46,27 @@ def unnormalise(x: torch.Tensor, ds: DeviceDataset) -> np.ndarray:
 
 
 def reference_crop(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int = 4, mode: str = "zeros") -> np.ndarray:
-    """torchvision's RandomCrop(padding=pad, padding_mode=...) + flip, in numpy: "zeros" pads with 0 (constant)."""
+    """torchvision's RandomCrop(S, padding=pad, padding_mode=...) + flip, in numpy: "zeros" pads with 0 (constant)."""
+    size = image.shape[-1]
     padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="constant" if mode == "zeros" else mode)
-    crop = padded[:, dy : dy + 32, dx : dx + 32]
+    crop = padded[:, dy : dy + size, dx : dx + size]
     return crop[:, :, ::-1] if flip else crop
 
 
 # ------------------------------------------------------------------------------------------ crop/flip
 
 
+@pytest.mark.parametrize("size", [32, 64, 17])
 @pytest.mark.parametrize("mode", data.PAD_MODES)
-def test_crop_flip_matches_numpy_pad(mode):
+def test_crop_flip_matches_numpy_pad(mode, size):
     rng = np.random.default_rng(1)
     n = 64
-    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    images = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
     offsets = rng.integers(0, 9, (n, 2))
     offsets[:4] = [[0, 0], [8, 8], [0, 8], [8, 0]]  # the extreme corners reach furthest into the reflection
     flips = rng.integers(0, 2, n).astype(bool)
     out = data.crop_flip(torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flips), pad_mode=mode)
-    assert out.dtype == torch.uint8 and out.shape == (n, 3, 32, 32)
+    assert out.dtype == torch.uint8 and out.shape == (n, 3, size, size)
     for i in range(n):
         expected = reference_crop(images[i], *offsets[i], flips[i], mode=mode)
         np.testing.assert_array_equal(out[i].numpy(), expected)
@@ -83,26 +85,28 @@ def test_crop_flip_other_pad():
 # -------------------------------------------------------------------------------------- train batches
 
 
-def find_augmentation(source: np.ndarray, crop: np.ndarray) -> tuple[int, int, bool]:
+def find_augmentation(source: np.ndarray, crop: np.ndarray, mode: str = "zeros") -> tuple[int, int, bool]:
     """The (dy, dx, flip) that turns ``source`` into ``crop``; noise images make it unique."""
     matches = [
         (dy, dx, flip)
         for dy in range(9)
         for dx in range(9)
         for flip in (False, True)
-        if np.array_equal(reference_crop(source, dy, dx, flip), crop)
+        if np.array_equal(reference_crop(source, dy, dx, flip, mode=mode), crop)
     ]
     assert len(matches) == 1, matches
     return matches[0]
 
 
-def test_train_batches_augment_each_sample_and_normalise():
-    ds = random_dataset(64)
-    x, y, index = next(data.train_batches(ds, 64, torch.Generator().manual_seed(0)))
+@pytest.mark.parametrize(("size", "mode"), [(32, "zeros"), (64, "zeros"), (64, "reflect")])
+def test_train_batches_augment_each_sample_and_normalise(size, mode):
+    """Each image of a batch is its source image padded (zeros or mirrored), sliced S x S, flipped or not."""
+    ds = random_dataset(64, size=size)
+    x, y, index = next(data.train_batches(ds, 64, torch.Generator().manual_seed(0), pad_mode=mode))
     assert torch.equal(ds.y_train[index], y)
-    assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32) and y.dtype == torch.int64
+    assert x.dtype == torch.float32 and x.shape == (64, 3, size, size) and y.dtype == torch.int64
     pixels = unnormalise(x, ds)
-    augmentations = [find_augmentation(ds.x_train[label].numpy(), pixels[i]) for i, label in enumerate(y)]
+    augmentations = [find_augmentation(ds.x_train[label].numpy(), pixels[i], mode) for i, label in enumerate(y)]
     assert len({(dy, dx) for dy, dx, _ in augmentations}) > 20
     assert {flip for _, _, flip in augmentations} == {False, True}
 
@@ -198,18 +202,19 @@ def test_load_synthetic():
 # ------------------------------------------------------------------------------------------------ npz
 
 
-def small_arrays(n_train: int = 20, n_test: int = 8, classes: int = 4) -> dict[str, np.ndarray]:
+def small_arrays(n_train: int = 20, n_test: int = 8, classes: int = 4, size: int = 32) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
-        "x_train": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        "x_train": rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
         "y_train": np.arange(n_train) % classes,
-        "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
         "y_test": np.arange(n_test) % classes,
     }
 
 
-def test_npz_round_trip(tmp_path):
-    arrays = small_arrays()
+@pytest.mark.parametrize("size", [32, 64, 16])
+def test_npz_round_trip(tmp_path, size):
+    arrays = small_arrays(size=size)
     path = tmp_path / "my data.npz"
     data.save_npz(path, **arrays)
     assert [p.name for p in tmp_path.iterdir()] == ["my data.npz"]  # no temporary file left behind
@@ -226,6 +231,22 @@ def test_npz_round_trip(tmp_path):
     pixels = arrays["x_train"].reshape(-1, 3) / 255
     np.testing.assert_allclose(ds.mean, pixels.mean(0), atol=1e-9)
     np.testing.assert_allclose(ds.std, pixels.std(0), atol=1e-9)
+    assert ds.image_size == size
+
+
+def test_from_arrays():
+    arrays = small_arrays(size=48)
+    ds = data.from_arrays(**arrays, device=CPU, name="mine", num_classes=6, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    assert (ds.name, ds.num_classes, ds.mean, ds.std, ds.image_size) == ("mine", 6, (0.5,) * 3, (0.2,) * 3, 48)
+    np.testing.assert_array_equal(ds.x_test.permute(0, 2, 3, 1).numpy(), arrays["x_test"])
+    measured = data.from_arrays(**arrays, device=CPU)
+    assert measured.num_classes == 4
+    np.testing.assert_allclose(measured.mean, (arrays["x_train"].reshape(-1, 3) / 255).mean(0), atol=1e-9)
+    with pytest.raises(DataError, match="mine: labels reach 3, but there are 3 classes") as exc:
+        data.from_arrays(**arrays, device=CPU, name="mine", num_classes=3)
+    check_one_line(exc)
+    with pytest.raises(DataError, match="mine: x_test has dtype float32"):
+        data.from_arrays(**{**arrays, "x_test": arrays["x_test"].astype(np.float32)}, device=CPU, name="mine")
 
 
 def malformed(**changes) -> dict[str, np.ndarray]:
@@ -239,7 +260,9 @@ NPZ_CASES = {
     "missing array": (malformed(y_test=None), r"lacks array\(s\) y_test"),
     "float images": (malformed(x_train=np.zeros((20, 32, 32, 3), np.float32)), "x_train has dtype float32"),
     "channels first": (malformed(x_test=np.zeros((8, 3, 32, 32), U8)), r"x_test has shape \(8, 3, 32, 32\)"),
-    "wrong size": (malformed(x_train=np.zeros((20, 28, 28, 3), U8)), r"expected \(N, 32, 32, 3\)"),
+    "not square": (malformed(x_train=np.zeros((20, 32, 28, 3), U8)), r"expected \(N, S, S, 3\): square RGB"),
+    "too small": (malformed(x_train=np.zeros((20, 8, 8, 3), U8)), r"S >= 16"),
+    "sizes differ": (malformed(x_test=np.zeros((8, 64, 64, 3), U8)), "x_train holds 32x32 images but x_test 64x64"),
     "empty split": (
         malformed(x_test=np.zeros((0, 32, 32, 3), U8), y_test=np.zeros(0, int)),
         "x_test is empty",
@@ -302,6 +325,13 @@ def test_npz_corrupt_member(tmp_path):
     with pytest.raises(DataError) as exc:
         data.load_dataset(str(path), "unused", CPU)
     assert "corrupt.npz" in check_one_line(exc)
+
+
+def test_data_url_only_for_downloaded_datasets(tmp_path):
+    for spec in ("synthetic", str(tmp_path / "mine.npz")):
+        with pytest.raises(DataError, match="--data_url is a mirror of a downloaded archive .*tinyimagenet") as exc:
+            data.load_dataset(spec, tmp_path, CPU, url="http://mirror.example/x.zip")
+        check_one_line(exc)
 
 
 def test_unknown_dataset():
@@ -367,32 +397,6 @@ def make_fake_cifar(root: Path, spec: str) -> tuple[data.CifarSource, dict[str, 
     return source, expected
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """Serve tmp_path/serve on 127.0.0.1; yields the base URL and a function that stops the server."""
-    (tmp_path / "serve").mkdir(exist_ok=True)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(QuietHandler, directory=str(tmp_path / "serve"))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    stopped = []
-
-    def stop():
-        if not stopped:
-            server.shutdown()
-            server.server_close()
-            stopped.append(True)
-
-    yield f"http://127.0.0.1:{server.server_address[1]}", stop
-    stop()
-
-
 def check_loaded(ds: DeviceDataset, spec: str, expected: dict[str, np.ndarray]) -> None:
     official = data.CIFAR_SOURCES[spec]
     assert ds.name == spec and ds.num_classes == official.num_classes
@@ -407,23 +411,32 @@ def test_cifar10_download_over_http_then_offline(tmp_path, http_server):
     source, expected = make_fake_cifar(tmp_path, "cifar10")
     source = dataclasses.replace(source, url=f"{base_url}/{source.archive}")
     data_dir = tmp_path / "data"
-    check_loaded(data.load_dataset("cifar10", data_dir, CPU, cifar_source=source), "cifar10", expected)
+    check_loaded(data.load_dataset("cifar10", data_dir, CPU, source=source), "cifar10", expected)
     assert sorted(p.name for p in data_dir.iterdir()) == sorted([source.archive, source.folder])
     stop()
-    check_loaded(data.load_dataset("cifar10", data_dir, CPU, cifar_source=source), "cifar10", expected)
+    check_loaded(data.load_dataset("cifar10", data_dir, CPU, source=source), "cifar10", expected)
     with pytest.raises(DataError, match="no network") as exc:  # nothing on disk, server gone
-        data.load_dataset("cifar10", tmp_path / "elsewhere", CPU, cifar_source=source)
-    assert "place cifar-10-python.tar.gz there or pass --data_dir" in check_one_line(exc)
+        data.load_dataset("cifar10", tmp_path / "elsewhere", CPU, source=source)
+    assert "place cifar-10-python.tar.gz there, pass --data_dir, or a mirror with --data_url" in check_one_line(exc)
+
+
+def test_cifar_from_data_url(tmp_path):
+    """--data_url replaces the official URL; here a plain local path, the simplest mirror."""
+    source, expected = make_fake_cifar(tmp_path, "cifar10")
+    mirror = urllib.request.url2pathname(urllib.parse.urlparse(source.url).path)
+    source = dataclasses.replace(source, url="http://127.0.0.1:9/unreachable")
+    ds = data.load_dataset("cifar10", tmp_path / "data", CPU, source=source, url=mirror)
+    check_loaded(ds, "cifar10", expected)
 
 
 def test_cifar100_from_file_url(tmp_path):
     source, expected = make_fake_cifar(tmp_path, "cifar100")
     assert source.url.startswith("file://")
     data_dir = tmp_path / "data"
-    check_loaded(data.load_dataset("cifar100", data_dir, CPU, cifar_source=source), "cifar100", expected)
+    check_loaded(data.load_dataset("cifar100", data_dir, CPU, source=source), "cifar100", expected)
     # Extracted files are used as they are, even once the archive is gone.
     (data_dir / source.archive).unlink()
-    check_loaded(data.load_dataset("cifar100", data_dir, CPU, cifar_source=source), "cifar100", expected)
+    check_loaded(data.load_dataset("cifar100", data_dir, CPU, source=source), "cifar100", expected)
 
 
 def test_cifar_wrong_archive_md5(tmp_path, http_server):
@@ -432,7 +445,7 @@ def test_cifar_wrong_archive_md5(tmp_path, http_server):
     source = dataclasses.replace(source, url=f"{base_url}/{source.archive}", archive_md5="0" * 32)
     data_dir = tmp_path / "data"
     with pytest.raises(DataError, match="fails its md5 check") as exc:
-        data.load_dataset("cifar10", data_dir, CPU, cifar_source=source)
+        data.load_dataset("cifar10", data_dir, CPU, source=source)
     check_one_line(exc)
     assert list(data_dir.iterdir()) == []  # the bad download is not kept
 
@@ -443,18 +456,18 @@ def test_cifar_bad_archive_already_present(tmp_path):
     data_dir.mkdir()
     (data_dir / source.archive).write_bytes(b"not the archive")
     with pytest.raises(DataError, match="fails its md5 check .*: delete it to download it again") as exc:
-        data.load_dataset("cifar10", data_dir, CPU, cifar_source=source)
+        data.load_dataset("cifar10", data_dir, CPU, source=source)
     check_one_line(exc)
 
 
 def test_cifar_extracted_file_tampered(tmp_path):
     source, _ = make_fake_cifar(tmp_path, "cifar10")
     data_dir = tmp_path / "data"
-    data.load_dataset("cifar10", data_dir, CPU, cifar_source=source)
+    data.load_dataset("cifar10", data_dir, CPU, source=source)
     batch = data_dir / source.folder / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-1] + b"\x00")
     with pytest.raises(DataError, match="data_batch_3 is missing or fails its md5 check") as exc:
-        data.load_dataset("cifar10", data_dir, CPU, cifar_source=source)
+        data.load_dataset("cifar10", data_dir, CPU, source=source)
     check_one_line(exc)
 
 
@@ -462,12 +475,12 @@ def test_cifar_unparsable_file(tmp_path):
     """A file whose md5 matches the table but is not a CIFAR batch (here: a pickle of another class)."""
     source, _ = make_fake_cifar(tmp_path, "cifar10")
     data_dir = tmp_path / "data"
-    data.load_dataset("cifar10", data_dir, CPU, cifar_source=source)
+    data.load_dataset("cifar10", data_dir, CPU, source=source)
     batch = data_dir / source.folder / "test_batch"
     batch.write_bytes(pickle.dumps({b"data": dataclasses.field}))
     source = dataclasses.replace(source, test_files=(("test_batch", md5_of(batch)),))
     with pytest.raises(DataError, match="could not parse .*test_batch") as exc:
-        data.load_dataset("cifar10", data_dir, CPU, cifar_source=source)
+        data.load_dataset("cifar10", data_dir, CPU, source=source)
     check_one_line(exc)
 
 
@@ -483,5 +496,5 @@ def test_cifar_data_dir_is_a_file(tmp_path):
     source, _ = make_fake_cifar(tmp_path, "cifar10")
     (tmp_path / "occupied").write_text("")
     with pytest.raises(DataError, match="cannot create the data directory .*occupied") as exc:
-        data.load_dataset("cifar10", tmp_path / "occupied", CPU, cifar_source=source)
+        data.load_dataset("cifar10", tmp_path / "occupied", CPU, source=source)
     check_one_line(exc)

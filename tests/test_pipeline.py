@@ -42,6 +42,17 @@ def trained(tiny_npz, tmp_path_factory) -> dict[str, Path]:
     return {"teacher": root / "teacher" / "teacher.pt", "heads": root / "heads" / "heads.pt", "root": root}
 
 
+@pytest.fixture(scope="module")
+def npz64(tmp_path_factory) -> Path:
+    """A 64x64 dataset (Tiny-ImageNet's size): a slice of the synthetic set with every pixel doubled."""
+    from data import make_synthetic, save_npz
+
+    x_train, y_train, x_test, y_test = make_synthetic(128, 64, seed=1)
+    path = tmp_path_factory.mktemp("data64") / "px64.npz"
+    save_npz(path, x_train.repeat(2, 1).repeat(2, 2), y_train, x_test.repeat(2, 1).repeat(2, 2), y_test)
+    return path
+
+
 def test_stage1_writes_the_contracted_outputs(tiny_npz, tmp_path):
     summary = teacher(tiny_npz, tmp_path, "res8", 2, "--schedule", "[1,", "5]", "--gamma", "0.5")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -233,3 +244,33 @@ def test_synthetic_data_is_learnable(tmp_path):
     summary = train_teacher.main(["--model", "res20", "--dataset", str(npz), "--epochs", "3", "--lr", "0.05",
                                   "--schedule", "2", "--out_dir", str(tmp_path / "run"), *FAST])
     assert summary["final_test_acc"] > 25.0
+
+
+def test_64px_npz_through_the_three_stages(npz64, trained, tmp_path):
+    teacher(npz64, tmp_path / "teacher", "res8", 1)
+    heads(npz64, tmp_path / "heads", tmp_path / "teacher" / "teacher.pt")
+    saved = torch.load(tmp_path / "heads" / "heads.pt", weights_only=True)
+    assert saved["taps"] == [["layer1", [16, 64, 64]], ["layer2", [32, 32, 32]], ["layer3", [64, 16, 16]]]
+    summary = test_dih.main(["--teacher", "res8", "--teacher_ckpt", str(tmp_path / "teacher" / "teacher.pt"),
+                             "--heads_ckpt", str(tmp_path / "heads" / "heads.pt"), "--dataset", str(npz64),
+                             "--epochs", "1", "--out_dir", str(tmp_path / "student"), *FAST])
+    assert summary["method"] == "dih"
+    for kind in ("teacher", "heads", "student"):
+        assert torch.load(tmp_path / kind / f"{kind}.pt", weights_only=True)["image_size"] == 64
+
+    # The 32x32 teacher of the other tests is refused for 64x64 data, with one line naming the sizes.
+    with pytest.raises(UserError, match="made for image_size=32, but this run needs image_size=64") as exc:
+        heads(npz64, tmp_path / "refused", trained["teacher"])
+    assert "\n" not in str(exc.value) and not (tmp_path / "refused").exists()
+
+
+def test_images_too_small_for_a_model(tiny_npz, tmp_path):
+    """VGG-11's five max-pools need 32x32 images or more: 16x16 data is refused before any training."""
+    from data import make_synthetic, save_npz
+
+    x_train, y_train, x_test, y_test = make_synthetic(40, 20, seed=2)
+    npz16 = tmp_path / "px16.npz"
+    save_npz(npz16, x_train[:, ::2, ::2], y_train, x_test[:, ::2, ::2], y_test)
+    with pytest.raises(UserError, match="vgg11 cannot classify 16x16 images"):
+        teacher(npz16, tmp_path / "vgg", "vgg11", 1)
+    assert not (tmp_path / "vgg").exists()
