@@ -3,6 +3,8 @@
     ce       labels only                          methods/ce.py
     kd       teacher's softened logits            methods/kd.py
     dih      teacher's classifier + k heads       methods/dih.py
+    tofd     aux classifiers' features + logits   methods/tofd.py     (its teacher: train_teacher.py --tofd)
+    mhkd     logits of conv heads on taps 1-2     methods/mhkd.py     (teacher heads trained in the run)
 
 `METHODS` maps each name to its `Method` record; `run_name` is the folder name a student run gets.
 """
@@ -11,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ce, dih, kd
+from . import ce, dih, kd, mhkd, tofd
 from .base import HYPERS, Hyper, Method, Setup, StudentStage
 
 __all__ = ["HYPERS", "METHODS", "Hyper", "Method", "Setup", "StudentStage", "run_name"]
 
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (ce, kd, dih)}
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (ce, kd, dih, tofd, mhkd)}
 
 # Shown in every folder name of the methods that take them; other hyper-parameters only when not the default.
 ALWAYS_NAMED = ("alpha", "temperature", "beta")
