@@ -77,10 +77,12 @@ def test_detach_keeps_the_head_kd_term_off_the_teacher_heads():
         assert not torch.allclose(grads[False][i], ce_only)  # the original: the KD term pulls them too
 
 
-def test_mhkd_learns_and_the_teacher_backbone_stays_bit_identical(learnable_npz, tmp_path):
-    common = ["--dataset", str(learnable_npz), "--gpu_id", "cpu", "--batch_size", "16", "--lr", "0.05"]
+def test_mhkd_learns_and_the_teacher_backbone_stays_bit_identical(tmp_path):
+    npz = tmp_path / "learnable.npz"
+    save_npz(npz, *make_learnable(80, 50))
+    common = ["--dataset", str(npz), "--gpu_id", "cpu", "--batch_size", "16", "--lr", "0.05"]
     train_teacher.main(["--model", "res8", "--epochs", "1", "--out_dir", str(tmp_path / "t"), *common])
-    data = load_dataset(str(learnable_npz), "unused", torch.device("cpu"))
+    data = load_dataset(str(npz), "unused", torch.device("cpu"))
     teacher = build_model("res8", 10)
     load_weights(teacher, load_checkpoint(tmp_path / "t" / "teacher.pt", "teacher", "t"), "t")
     teacher.train()  # the stage must freeze it itself
