@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
 from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_dataset
-from engine import TrainConfig
+from engine import EXTRAS_FILE, TrainConfig
 from heads import IntermediateHeads
 from models import TapModel, build_model
 from utils import UserError, parse_schedule, resolve_device
@@ -153,19 +153,29 @@ def print_model_summary(model: torch.nn.Module, device: torch.device, image_size
 def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None) -> dict[str, Any]:
     """The checkpoint of teacher `name`: --teacher_ckpt, or stage 1's default place. Read before any data is.
 
-    Any trained model serves as a teacher: a stage-1 teacher.pt or any method's student.pt (TAKD's
-    assistant is one). `variant="tofd"` asks for a TOFD teacher (trained with its auxiliary classifiers).
+    Any trained model serves as a plain teacher: a stage-1 teacher.pt (a variant's too: it holds the plain
+    model), or any method's student.pt (TAKD's assistant is one). `variant="tofd"` asks for a TOFD teacher
+    (trained with its auxiliary classifiers), refuses any other, and reads the extras.pt beside it into
+    `ckpt["extras"]`, checked to belong to these very weights.
     """
     folder = f"teacher-{name}" + (f"-{variant}" if variant else "")
     path = Path(args.teacher_ckpt or default_dir(dataset_tag(args.dataset), folder, args.seed) / "teacher.pt")
-    command = (f"python3 train_teacher.py --model {name}{' --tofd' if variant else ''} --dataset {args.dataset} "
+    command = (f"python3 train_teacher.py --model {name}{f' --{variant}' if variant else ''} --dataset {args.dataset} "
                f"--seed {args.seed}")
     ckpt = load_checkpoint(path, ("teacher", "student"), "--teacher_ckpt", hint=f"train it with: {command}")
     ckpt.setdefault("image_size", 32)  # written before checkpoints recorded it, when every dataset was 32x32
-    if ckpt.get("variant") != variant:
-        have = ckpt.get("variant") or "plain"
-        raise UserError(f"--teacher_ckpt: {path} holds a {have} teacher, but this run needs a {variant or 'plain'} "
-                        f"one; train it with: {command}")
+    if variant is not None:
+        if ckpt.get("variant") != variant:
+            have = ckpt.get("variant") or "plain"
+            raise UserError(f"--teacher_ckpt: {path} holds a {have} {ckpt['kind']}, but this run needs a {variant} "
+                            f"teacher; train it with: {command}")
+        extras_path = path.parent / EXTRAS_FILE
+        extras = load_checkpoint(extras_path, "extras", "--teacher_ckpt",
+                                 hint=f"a {variant} teacher keeps its extra modules there; train it with: {command}")
+        if extras.get("model_fingerprint") != ckpt["fingerprint"]:
+            raise UserError(f"--teacher_ckpt: {extras_path} belongs to other weights than {path} (fingerprints "
+                            f"differ); keep each teacher.pt with its own {EXTRAS_FILE}")
+        ckpt["extras"] = extras
     ckpt["path"] = str(path)
     return ckpt
 

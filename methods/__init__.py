@@ -6,6 +6,8 @@
     takd     KD through a teacher assistant                      methods/takd.py
     at       attention maps of paired stages                     methods/at.py
     crd      penultimate features, contrasted (memory banks)     methods/crd.py
+    tofd     aux classifiers' pooled features and logits         methods/tofd.py  (teacher: train_teacher.py --tofd)
+    mhkd     logits of conv heads on taps 1-2 of both networks   methods/mhkd.py  (teacher heads trained in the run)
     dih      the teacher's classifier + its k heads, at once     methods/dih.py
 
 `METHODS` maps each name to its `Method` record; `run_name` is the folder name a student run gets.
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import at, ce, crd, dih, fitnets, kd, takd
+from . import at, ce, crd, dih, fitnets, kd, mhkd, takd, tofd
 from .base import HYPERS, Hyper, Method, Setup, StudentStage
 
 __all__ = ["HYPERS", "METHODS", "Hyper", "Method", "Setup", "StudentStage", "run_name"]
 
 # In the order of the paper's comparison table.
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (ce, kd, fitnets, takd, at, crd, dih)}
+METHODS: dict[str, Method] = {
+    module.METHOD.name: module.METHOD for module in (ce, kd, fitnets, takd, at, crd, tofd, mhkd, dih)
+}
 
 # Shown in every folder name of the methods that take them; other hyper-parameters only when not the default.
 ALWAYS_NAMED = ("alpha", "temperature", "beta")

@@ -82,7 +82,8 @@ def build_graph(sweep: Sweep) -> list[Node]:
                 tofd = variant == "tofd"
                 add(f"{'TOFD ' if tofd else ''}teacher {teacher} seed {seed}", "train_teacher.py",
                     sweep.teacher_dir(teacher, seed, variant), sweep.teacher_epochs, seed,
-                    ["--model", teacher, *(["--tofd"] if tofd else [])], [], {"stage": "teacher", "model": teacher})
+                    ["--model", teacher, *(["--tofd"] if tofd else [])], [],
+                    {"stage": "teacher", "model": teacher, **({"variant": variant} if tofd else {})})
     for teacher in sweep.teachers:
         for seed in sweep.seeds:
             teacher_dir = sweep.teacher_dir(teacher, seed)

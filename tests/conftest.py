@@ -10,6 +10,7 @@ import threading
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,25 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def make_learnable(n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Images whose class is their mean colour (plus strong noise): any method that trains its student at all
+    is far above chance on it within a few steps, so a method can be checked to learn in seconds."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, (10, 3))
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 10
+        x = palette[y][:, None, None, :] + rng.normal(0, 40, (n, 32, 32, 3))
+        return np.clip(x, 0, 255).astype(np.uint8), y
+
+    return (*split(n_train), *split(n_test))
+
+
+@pytest.fixture(scope="session")
+def learnable_npz(tmp_path_factory) -> Path:
+    """160 training and 100 test images of `make_learnable`, as a user's npz."""
+    path = tmp_path_factory.mktemp("data") / "learnable.npz"
+    save_npz(path, *make_learnable(160, 100))
+    return path

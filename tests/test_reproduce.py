@@ -86,6 +86,7 @@ def test_paper_preset_lists_every_method_for_its_teachers():
     assert set(count.values()) == {teachers * seeds}
     assistants = [s for s, m in methods if s != "res8"]
     assert assistants == ["res14"] * seeds + ["res20"] * (teachers - 2) * seeds
+    assert result.stdout.count(" --tofd ") == teachers * seeds  # TOFD's own teachers
 
 
 def test_a_failed_run_skips_its_dependents_and_the_others_go_on(tiny_npz, tmp_path):
