@@ -545,7 +545,7 @@ def _flipped_cudnn_benchmark(work: Workload, kind: str) -> Timed:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.Parser(description=__doc__.splitlines()[0], formatter_class=cli.DefaultsFormatter)
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
     p.add_argument("--stages", default=",".join(STAGES), help="some of teacher,heads,dih")
     p.add_argument("--teacher", default="res110", choices=MODEL_NAMES, metavar="MODEL", help="a model of the zoo")

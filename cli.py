@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Callable
@@ -19,30 +20,47 @@ from models import TapModel, build_model
 from utils import COMPILE_MODES, UserError, choose_execution, cpu_execution_inputs, parse_schedule, resolve_device
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows every flag's default once: appended unless the help text already says it, lists as typed on the
+    command line, nothing for a plain switch or a flag without a default (argparse's own formatter repeats
+    a default the text already gives, and shows none for a flag without help text)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help or "").strip() and self._default_text(action):
+            action = copy.copy(action)
+            action.help = self._default_text(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = self._default_text(action)
+        return f"{text} {default}".strip() if default and "(default" not in text else text
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str:
+        """'(default: ...)' for a flag with a default worth showing, else ''."""
+        default = action.default
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if switch or default is None or default is argparse.SUPPRESS:
+            return ""
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"(default: {shown.replace('%', '%%')})"
+
+
 class Parser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line on stderr (exit 2), like every other bad input."""
+    """An argparse parser whose errors are one line on stderr (exit 2), like every other bad input, and whose
+    help shows each default once."""
+
+    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = DefaultsFormatter, **kwargs: Any):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class DefaultsFormatter(argparse.HelpFormatter):
-    """Shows every flag's default once: appended unless the help text already says it, lists as typed on the
-    command line, nothing for a plain switch or a flag without a default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
-        if "(default" in text or switch or default is None or default is argparse.SUPPRESS:
-            return text
-        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
-        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
-
-
 def common_parser(description: str) -> Parser:
     """Flags every stage takes; defaults are the paper's (Table 2 of the original README)."""
-    p = Parser(description=description, formatter_class=DefaultsFormatter)
+    p = Parser(description=description)
     p.add_argument("--dataset", default="cifar100", help="cifar10, cifar100, synthetic, or a PATH.npz of your own")
     p.add_argument("--data_dir", default="./data", help="where CIFAR is downloaded to / read from")
     p.add_argument("--epochs", type=int, default=200)

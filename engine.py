@@ -136,25 +136,29 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.cuda_graphs)
 
 
-TrainStep = Callable[[Batch], tuple[Tensor, Tensor]]
+StepResult = tuple[Tensor, Tensor | None]  # (loss, number correct): device tensors
+TrainStep = Callable[[Batch], StepResult]
 
 
 def make_train_step(loss_fn: Callable[[Batch], StepOutput], optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig) -> TrainStep:
     """One optimisation step on a batch, returning (loss, number correct) as device tensors: no host sync.
 
+    The number correct is None when the loss trains no classifier.
     `cfg.compile` compiles the forward and the loss, and through AOTAutograd their backward; the optimizer stays
     eager (compiling SGD took 74 s on 2 CPU cores to save 4 of ~240 ms per res110 step, and recompiles at each
     LR). `cfg.cuda_graphs` replays the whole step, optimizer included, from CUDA graphs: see `GraphedStep`.
     """
     forward = torch.compile(loss_fn) if cfg.compile else loss_fn
 
-    def step(batch: Batch) -> tuple[Tensor, Tensor]:
+    def step(batch: Batch) -> StepResult:
         with autocast(cfg, batch.x.device):
             loss, logits = forward(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if not logits:  # a phase that trains no classifier (FitNets' hint phase) has no train accuracy
+            return loss.detach().float(), None
         correct = sum((out.argmax(1) == batch.y).sum() for out in logits) / len(logits)
         return loss.detach().float(), correct
 
@@ -164,7 +168,7 @@ def make_train_step(loss_fn: Callable[[Batch], StepOutput], optimizer: torch.opt
 WARMUP_STEPS = 2  # eager steps of each batch shape before it is captured: momentum buffers, cuDNN autotuning, compiling
 
 
-def on_side_stream(step: TrainStep, batch: Batch) -> tuple[Tensor, Tensor]:
+def on_side_stream(step: TrainStep, batch: Batch) -> StepResult:
     """An eager step on a side stream, as CUDA graphs want their warm-up; the outputs come back on the current one."""
     current, side = torch.cuda.current_stream(), torch.cuda.Stream()
     side.wait_stream(current)
@@ -174,7 +178,7 @@ def on_side_stream(step: TrainStep, batch: Batch) -> tuple[Tensor, Tensor]:
     return outputs
 
 
-def capture_cuda_graph(step: TrainStep, static: Batch) -> tuple[Callable[[], None], tuple[Tensor, Tensor]]:
+def capture_cuda_graph(step: TrainStep, static: Batch) -> tuple[Callable[[], None], StepResult]:
     """Record `step` on the static batch as a CUDA graph: its replay function and its static outputs."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -194,15 +198,14 @@ class GraphedStep:
     """
 
     def __init__(self, step: TrainStep, optimizer: torch.optim.Optimizer,
-                 warm: Callable[[TrainStep, Batch], tuple[Tensor, Tensor]] = on_side_stream,
-                 capture: Callable[[TrainStep, Batch], tuple[Callable[[], None], tuple[Tensor, Tensor]]]
-                 = capture_cuda_graph):
+                 warm: Callable[[TrainStep, Batch], StepResult] = on_side_stream,
+                 capture: Callable[[TrainStep, Batch], tuple[Callable[[], None], StepResult]] = capture_cuda_graph):
         self.step, self.optimizer, self.warm, self.capture = step, optimizer, warm, capture
         self.eager_steps: Counter[tuple[int, ...]] = Counter()
-        self.graphs: dict[tuple[int, ...], tuple[Batch, Callable[[], None], tuple[Tensor, Tensor]]] = {}
+        self.graphs: dict[tuple[int, ...], tuple[Batch, Callable[[], None], StepResult]] = {}
         self.hyper: list[dict[str, Any]] = []
 
-    def __call__(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def __call__(self, batch: Batch) -> StepResult:
         hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         if hyper != self.hyper:
             self.graphs.clear()
@@ -218,9 +221,10 @@ class GraphedStep:
             if buffer is not None:
                 buffer.copy_(value)
         replay()
-        return outputs[0].clone(), outputs[1].clone()
+        loss, correct = outputs
+        return loss.clone(), None if correct is None else correct.clone()
 
-    def _capture(self, batch: Batch) -> tuple[Batch, Callable[[], None], tuple[Tensor, Tensor]]:
+    def _capture(self, batch: Batch) -> tuple[Batch, Callable[[], None], StepResult]:
         static = Batch(*(None if t is None else t.clone() for t in batch))
         # No gradient may exist at capture: the graph's backward then writes fresh ones instead of accumulating.
         self.optimizer.zero_grad(set_to_none=True)
@@ -297,14 +301,15 @@ def fit(
         stage.trainable.train()
         stage.start_epoch(phase_epoch)
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
+        correct: Tensor | None = torch.zeros((), device=device)
         batches = train_batches(data, cfg.batch_size, generator, cfg.channels_last, cfg.pad_mode)
         for batch in tqdm(batches, total=steps, desc=f"epoch {epoch}/{total}", leave=False, disable=None):
             loss, batch_correct = train_step(batch)
             # Accumulated on the device: no host synchronisation inside the epoch.
             loss_sum += loss * batch.y.numel()
-            correct += batch_correct
-        train_loss, train_correct = (torch.stack([loss_sum, correct]) / len(data.y_train)).tolist()
+            correct = None if batch_correct is None else correct + batch_correct
+        train_loss, train_correct = (torch.stack([loss_sum, correct if correct is not None else loss_sum])
+                                     / len(data.y_train)).tolist()
         if not math.isfinite(train_loss):
             raise UserError(
                 f"the training loss became {train_loss} in epoch {epoch} (diverged: try a lower --lr); "
@@ -316,7 +321,7 @@ def fit(
             "phase": phase.name,
             "lr": lr,
             "train_loss": train_loss,
-            "train_acc": 100.0 * train_correct,
+            "train_acc": 100.0 * train_correct if correct is not None else None,
             "test_loss": sum(test[name][0] for name in stage.headline) / len(stage.headline),
             "test_acc": sum(test[name][1] for name in stage.headline) / len(stage.headline),
         }
@@ -327,7 +332,7 @@ def fit(
         _save_progress(out_dir, stage, index, optimizer, generator, history, args, cfg)
         log(
             f"epoch {epoch:3d}/{total} {phase.name if len(phases) > 1 else ''} lr {lr:.4g}  "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}  "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc'] or 0:.2f}  "
             f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}  {row['seconds']:.1f}s"
         )
 
