@@ -194,7 +194,9 @@ class GraphedStep:
     is captured once; a change of the optimizer's hyper-parameters (the LR at a milestone) recaptures, since a
     graph holds them as constants. Each batch is copied into its graph's static inputs and the outputs are
     cloned out of its static ones. The replayed kernels are the eager ones: results equal eager up to the
-    kernels' own nondeterminism. `warm` and `capture` are CUDA's unless a test fakes them.
+    kernels' own nondeterminism. A graph sees tensors, not Python values: state that a stage changes between
+    epochs must live in a tensor updated in place (as TOFD's temperature does), and a step must not read a
+    value back to the host. `warm` and `capture` are CUDA's unless a test fakes them.
     """
 
     def __init__(self, step: TrainStep, optimizer: torch.optim.Optimizer,

@@ -87,9 +87,10 @@ def choose_execution(device: torch.device, amp_mode: str, compile_mode: str, *, 
     """`--amp` and `--compile` (auto/on/off/...) made concrete for `device`; what each auto picks is measured
     in docs/BENCHMARKS.md.
 
-    amp auto: bf16 on CUDA GPUs with bf16 units and on CPUs with native bf16, else fp32. channels_last: on CUDA
-    and on AVX-512 CPUs (16-33% faster there in fp32 and bf16), NCHW elsewhere. compile auto: off (a CPU pays
-    1-2 minutes of compilation per run). graphs and max (= on + graphs) need CUDA.
+    amp auto: bf16 on CUDA GPUs with bf16 units and on CPUs with native bf16 (1.5-2.3x faster there), else fp32:
+    elsewhere bf16 is emulated. channels_last: on CUDA and on AVX-512 CPUs (1.01-1.6x there, never slower), NCHW
+    elsewhere (unmeasured). compile auto: off (a CPU pays 1-2 minutes of compilation per run; the GPU modes are
+    untimed until make gpu-check runs). graphs and max (= on + graphs) need CUDA.
     """
     cuda = device.type == "cuda"
     if compile_mode in ("graphs", "max") and not cuda:
