@@ -95,16 +95,22 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
         for proc in procs:
             outputs.append(proc.communicate(timeout=max(end - time.monotonic(), 0.1))[0])
     except subprocess.TimeoutExpired:
+        late = []
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-        raise PartTimedOut(f"still running after {timeout:.0f} s; killed") from None
+                late.append(proc)
+            output = proc.communicate()[0]
+        raise PartTimedOut(f"`{' '.join(late[0].args[1:])}` was still running after {timeout:.0f} s; killed:\n"
+                           f"{tail(output)}") from None
     for proc, output in zip(procs, outputs, strict=True):
         if proc.returncode != 0:
-            tail = "\n".join(output.strip().splitlines()[-TAIL_LINES:])
-            raise PartFailed(f"`{' '.join(proc.args[1:])}` exited with {proc.returncode}:\n{tail}")
+            raise PartFailed(f"`{' '.join(proc.args[1:])}` exited with {proc.returncode}:\n{tail(output)}")
     return outputs
+
+
+def tail(output: str | None) -> str:
+    return "\n".join((output or "").strip().splitlines()[-TAIL_LINES:])
 
 
 def run(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
@@ -356,7 +362,8 @@ def markdown(report: dict[str, Any]) -> str:
     for part in report["parts"]:
         lines += ["", f"## {part['title']}", ""]
         if part.get("note"):
-            lines += [f"{part['status']}: {part['note']}", ""]
+            first, _, rest = part["note"].partition("\n")
+            lines += [f"{part['status']}: {first}", ""] + (["```", rest, "```", ""] if rest else [])
         if part.get("commands"):
             lines += ["```", *part["commands"], "```", ""]
         if part.get("data"):

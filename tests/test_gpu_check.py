@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, assert_clean_failure, run_script
 
 import gpu_check
@@ -49,3 +50,12 @@ def test_bad_flags_are_one_line(tmp_path):
     assert_clean_failure(run_script("gpu_check.py", "--parts", "bench,nope", "--out_dir", str(tmp_path)),
                          "unknown part 'bench'")
     assert_clean_failure(run_script("gpu_check.py", "--budget_s", "0", "--out_dir", str(tmp_path)), "--budget_s")
+
+
+def test_a_late_part_is_killed_and_a_failed_one_reported_with_its_output():
+    late = gpu_check.start(["-c", "import time; print('started', flush=True); time.sleep(60)"])
+    with pytest.raises(gpu_check.PartTimedOut, match="still running after 2 s; killed:\nstarted"):
+        gpu_check.finish([late], 2)
+    assert late.returncode == -9
+    with pytest.raises(gpu_check.PartFailed, match="exited with 3:\nwhat went wrong"):
+        gpu_check.run(["-c", "import sys; print('what went wrong'); sys.exit(3)"], 60)
