@@ -87,8 +87,8 @@ def choose_execution(device: torch.device, amp_mode: str, compile_mode: str, *, 
     """`--amp` and `--compile` (auto/on/off/...) made concrete for `device`; what each auto picks is measured
     in docs/BENCHMARKS.md.
 
-    amp auto: bf16 on CUDA GPUs with bf16 units and on CPUs with native bf16 (1.5-2.3x faster there), else fp32:
-    elsewhere bf16 is emulated. channels_last: on CUDA and on AVX-512 CPUs (1.01-1.6x there, never slower), NCHW
+    amp auto: bf16 on CUDA GPUs with bf16 units and on CPUs with native bf16 (1.4-1.7x faster there), else fp32:
+    elsewhere bf16 is emulated. channels_last: on CUDA and on AVX-512 CPUs (1.2-1.4x there, never slower), NCHW
     elsewhere (unmeasured). compile auto: off (a CPU pays 1-2 minutes of compilation per run; the GPU modes are
     untimed until make gpu-check runs). graphs and max (= on + graphs) need CUDA.
     """
