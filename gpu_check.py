@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import cli
-from data import SYNTHETIC_SIZE, make_synthetic, save_npz
+from data import make_synthetic, save_npz
 from utils import UserError, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
@@ -216,14 +215,13 @@ def train_cohort(ctx: Context, dataset: str, timeout: float) -> tuple[list[str],
 
 def concurrency(ctx: Context, timeout: float) -> dict[str, Any]:
     """Aggregate images/s of n DIH student processes on one device, from their metrics.jsonl (epoch time
-    includes evaluating the test set). The first epoch (autotuning, allocation) is left out."""
+    includes evaluating the test set). The first epoch (autotuning, allocation) is left out. The data is the
+    built-in synthetic set written once as an npz, so that no process renders it again."""
     end = time.monotonic() + timeout
-    dataset, epochs, levels = "synthetic", 3, CONCURRENCY
-    if not ctx.gpu:  # the dry run: a tiny npz, two levels
-        dataset, epochs, levels = str(ctx.work / "tiny.npz"), 2, (1, 2)
-        save_npz(dataset, *make_synthetic(256, 64, seed=0))
+    (images, tests), epochs, levels = ((10_000, 2_000), 3, CONCURRENCY) if ctx.gpu else ((256, 64), 2, (1, 2))
+    dataset = str(ctx.work / f"synthetic-{images}.npz")
+    save_npz(dataset, *make_synthetic(images, tests, seed=0))
     commands, student = train_cohort(ctx, dataset, end - time.monotonic())
-    images = train_images(dataset)
     rows = []
     for n in levels:
         outs = [ctx.work / f"students-{n}" / f"{i}" for i in range(n)]
@@ -241,14 +239,6 @@ def concurrency(ctx: Context, timeout: float) -> dict[str, Any]:
     for row in rows:
         row["scaling"] = round(row["aggregate_img_s"] / rows[0]["aggregate_img_s"], 2)
     return {"commands": commands, "data": {"rows": rows, "epochs": epochs, "dataset": dataset}}
-
-
-def train_images(dataset: str) -> int:
-    """Images per training epoch of the synthetic set or an npz."""
-    if dataset == "synthetic":
-        return SYNTHETIC_SIZE[0]
-    with np.load(dataset) as arrays:
-        return len(arrays["y_train"])
 
 
 def growth(ctx: Context, timeout: float) -> dict[str, Any]:
