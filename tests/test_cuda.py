@@ -23,6 +23,8 @@ from test_fast_path import TOLERANCE, fast, reference, relative_error
 
 import bench
 import cli
+import test_dih
+import train_heads
 import train_teacher
 from data import Batch
 from engine import WARMUP_STEPS, TrainConfig, make_optimizer, make_train_step, trainable_parameters
@@ -155,28 +157,25 @@ def test_stage_script_with_cuda_graphs_matches_eager(tiny_npz, tmp_path):
 
 
 def test_three_stages_on_synthetic(tmp_path):
-    """Teacher, heads, and DIH/KD/CE students on the built-in synthetic set with the GPU defaults."""
+    """Teacher, heads, and DIH/KD/CE students on the built-in synthetic set with the GPU defaults (in this process:
+    the scripts' command lines are the CPU tests' business)."""
     common = ["--dataset", "synthetic", "--epochs", "2", "--schedule", "1", "--lr", "0.05", "--gpu_id", "0"]
-    teacher, heads = tmp_path / "teacher", tmp_path / "heads"
-    result = run_script("train_teacher.py", "--model", "res20", *common, "--out_dir", str(teacher))
-    assert result.returncode == 0, result.stderr
-    result = run_script("train_heads.py", "--teacher", "res20", "--teacher_ckpt", str(teacher / "teacher.pt"),
-                        *common, "--out_dir", str(heads))
-    assert result.returncode == 0, result.stderr
+    teacher = tmp_path / "teacher" / "teacher.pt"
+    summaries = {"teacher": train_teacher.main(["--model", "res20", *common, "--out_dir", str(teacher.parent)]),
+                 "heads": train_heads.main(["--teacher", "res20", "--teacher_ckpt", str(teacher), *common,
+                                            "--out_dir", str(tmp_path / "heads")])}
     for method in ("dih", "kd", "ce"):
-        inputs = [] if method == "ce" else ["--teacher", "res20", "--teacher_ckpt", str(teacher / "teacher.pt")]
-        inputs += ["--heads_ckpt", str(heads / "heads.pt")] if method == "dih" else []
-        result = run_script("test_dih.py", "--method", method, "--student", "res8", *inputs, *common, "--out_dir",
-                            str(tmp_path / method))
-        assert result.returncode == 0, result.stderr
-    for run in ("teacher", "heads", "dih", "kd", "ce"):
-        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        inputs = [] if method == "ce" else ["--teacher", "res20", "--teacher_ckpt", str(teacher)]
+        inputs += ["--heads_ckpt", str(tmp_path / "heads" / "heads.pt")] if method == "dih" else []
+        summaries[method] = test_dih.main(["--method", method, "--student", "res8", *inputs, *common, "--out_dir",
+                                           str(tmp_path / method)])
+    for run, summary in summaries.items():
         assert summary["config"]["channels_last"], run
         assert summary["final_test_acc"] > 25.0, (run, summary["final_test_acc"])  # chance: 10%
 
 
 def test_reproduce_demo(tmp_path):
-    result = run_script("reproduce.py", "--preset", "demo", "--jobs", "4", "--gpus", "0", "--runs_dir",
+    result = run_script("reproduce.py", "--preset", "demo", "--jobs", "6", "--gpus", "0", "--runs_dir",
                         str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results"), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert list((tmp_path / "results").rglob("results.md")), result.stdout[-2000:]
