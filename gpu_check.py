@@ -91,20 +91,21 @@ def start(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Wait for every process by `timeout` seconds from now and return their outputs; kill all if one is late."""
+    """Wait for every process by `timeout` seconds from now and return their outputs; kill all if one is late, or
+    on Ctrl-C (in their own process groups, they would outlive this one)."""
     end, outputs = time.monotonic() + timeout, []
     try:
         for proc in procs:
             outputs.append(proc.communicate(timeout=max(end - time.monotonic(), 0.1))[0])
-    except subprocess.TimeoutExpired:
-        late = []
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                late.append(proc)
-            output = proc.communicate()[0]
+    except BaseException as err:
+        late = [proc for proc in procs if proc.poll() is None]
+        for proc in late:
+            os.killpg(proc.pid, signal.SIGKILL)
+        outputs = [proc.communicate()[0] for proc in late]
+        if not isinstance(err, subprocess.TimeoutExpired) or not late:
+            raise
         raise PartTimedOut(f"`{' '.join(late[0].args[1:])}` was still running after {timeout:.0f} s; killed:\n"
-                           f"{tail(output)}") from None
+                           f"{tail(outputs[0])}") from None
     for proc, output in zip(procs, outputs, strict=True):
         if proc.returncode != 0:
             raise PartFailed(f"`{' '.join(proc.args[1:])}` exited with {proc.returncode}:\n{tail(output)}")
@@ -440,4 +441,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.main_guard(lambda argv: sys.exit(main(argv)))
+    cli.main_guard(lambda argv: sys.exit(main(argv)), "rerun it (this run wrote no report)")
