@@ -101,10 +101,11 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
         late = [proc for proc in procs if proc.poll() is None]
         for proc in late:
             os.killpg(proc.pid, signal.SIGKILL)
-        outputs = [proc.communicate()[0] for proc in late]
-        if not isinstance(err, subprocess.TimeoutExpired) or not late:
+        culprit = (late or procs)[0]  # (the one being waited for may have ended since)
+        outputs = [proc.communicate()[0] for proc in late or procs]
+        if not isinstance(err, subprocess.TimeoutExpired):
             raise
-        raise PartTimedOut(f"`{' '.join(late[0].args[1:])}` was still running after {timeout:.0f} s; killed:\n"
+        raise PartTimedOut(f"`{' '.join(culprit.args[1:])}` was still running after {timeout:.0f} s; killed:\n"
                            f"{tail(outputs[0])}") from None
     for proc, output in zip(procs, outputs, strict=True):
         if proc.returncode != 0:
