@@ -93,20 +93,22 @@ def start(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     """Wait for every process by `timeout` seconds from now and return their outputs; kill all if one is late, or
     on Ctrl-C (in their own process groups, they would outlive this one)."""
-    end, outputs = time.monotonic() + timeout, []
+    end, outputs, waiting = time.monotonic() + timeout, [], procs[0]
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(end - time.monotonic(), 0.1))[0])
+        for waiting in procs:
+            outputs.append(waiting.communicate(timeout=max(end - time.monotonic(), 0.1))[0])
     except BaseException as err:
         late = [proc for proc in procs if proc.poll() is None]
         for proc in late:
             os.killpg(proc.pid, signal.SIGKILL)
-        culprit = (late or procs)[0]  # (the one being waited for may have ended since)
-        outputs = [proc.communicate()[0] for proc in late or procs]
+        culprit = late[0] if late else waiting  # (the one waited for may have ended since)
+        output = culprit.communicate()[0]
+        for proc in late[1:]:
+            proc.communicate()
         if not isinstance(err, subprocess.TimeoutExpired):
             raise
         raise PartTimedOut(f"`{' '.join(culprit.args[1:])}` was still running after {timeout:.0f} s; killed:\n"
-                           f"{tail(outputs[0])}") from None
+                           f"{tail(output)}") from None
     for proc, output in zip(procs, outputs, strict=True):
         if proc.returncode != 0:
             raise PartFailed(f"`{' '.join(proc.args[1:])}` exited with {proc.returncode}:\n{tail(output)}")
