@@ -1,7 +1,10 @@
-# The two commands of the README's quick start: `make demo` and `make test`.
+# The two commands of the README's quick start, `make demo` and `make test`; and `make gpu-check` for a lent GPU.
 PY := .venv/bin/python
+# The GPU check installs nothing (GPU machines are often offline): the venv's python if there is one, else the
+# system's, with its preinstalled torch.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean gpu-check
 
 .venv/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv .venv
@@ -13,6 +16,9 @@ demo: .venv/.installed
 
 test: .venv/.installed lint
 	$(PY) -m pytest -q
+
+gpu-check:
+	$(GPU_PY) gpu_check.py
 
 lint: .venv/.installed
 	$(PY) -m ruff check .

@@ -15,7 +15,9 @@ under no_grad, the loss summed over the cohort in a Python loop, `loss.item()` e
 
 Before timing, the two paths of each stage compute the loss of one un-augmented batch; they must agree
 (fp32: to rounding, bf16: within its precision) or the script exits 1. Times are the median over repeats of
-`--steps` steps each, after `--warmup` steps, with the device synchronised before the clock is read.
+`--steps` steps each, after `--warmup` steps, with the device synchronised before the clock is read; the paths
+compared (fast and conventional, or an ablation's two variants) take turns, repeat by repeat, so that a change
+of load on a shared machine hits both alike.
 The last line printed is one JSON object for the DIH stage (or the last stage measured).
 """
 
@@ -47,12 +49,13 @@ from torchvision import transforms
 
 import cli
 from data import CIFAR_SOURCES, Batch, DeviceDataset, from_arrays, test_batches, train_batches
-from engine import Stage, TrainConfig, make_optimizer, make_train_step, trainable_parameters
+from engine import WARMUP_STEPS, Stage, TrainConfig, make_optimizer, make_train_step, trainable_parameters
 from heads import IntermediateHeads, heads_for
 from methods import Setup
 from methods.dih import CohortDistillation
 from models import MODEL_NAMES, TapModel, build_model
 from stages import HeadsTraining, TeacherTraining
+from utils import COMPILE_MODES
 
 STAGES = ("teacher", "heads", "dih")
 ALPHA, TEMPERATURE = 0.1, 5.0  # the paper's defaults
@@ -299,19 +302,30 @@ class Plan:
         return self.warmup + self.steps * self.repeats
 
 
-def seconds_per_step(step: Step, batches: Iterator[tuple[Tensor, Tensor]], plan: Plan, device: torch.device) -> float:
-    """Median over the repeats of the wall time per step; warm-up excluded, device synchronised."""
-    for _ in range(plan.warmup):
-        step(*next(batches))
-    synchronize(device)
-    times = []
-    for _ in range(plan.repeats):
-        start = time.perf_counter()
-        for _ in range(plan.steps):
+Timed = tuple[Step, Iterator[tuple[Tensor, ...]]]  # a step and the batches that feed it
+
+
+def seconds_per_step(variants: list[Timed], plan: Plan, device: torch.device) -> list[float]:
+    """Median wall time per step of each variant, warm-up excluded, device synchronised.
+
+    The variants take turns, one repeat of `plan.steps` steps each, in alternating order: a change of load on
+    a shared machine then hits them all alike, instead of whichever happened to run at the time.
+    """
+    for step, batches in variants:
+        for _ in range(plan.warmup):
             step(*next(batches))
-        synchronize(device)
-        times.append((time.perf_counter() - start) / plan.steps)
-    return statistics.median(times)
+    synchronize(device)
+    times: list[list[float]] = [[] for _ in variants]
+    for repeat in range(plan.repeats):
+        order = list(range(len(variants)))
+        for i in order if repeat % 2 == 0 else order[::-1]:
+            step, batches = variants[i]
+            start = time.perf_counter()
+            for _ in range(plan.steps):
+                step(*next(batches))
+            synchronize(device)
+            times[i].append((time.perf_counter() - start) / plan.steps)
+    return [statistics.median(t) for t in times]
 
 
 @dataclass(frozen=True)
@@ -331,6 +345,8 @@ class Workload:
         cls, teacher: str, student: str, num_classes: int, cfg: TrainConfig, device: torch.device, plan: Plan
     ) -> Workload:
         """Random images enough for the plan, on the host and on the device, and fresh models."""
+        if device.type == "cuda":  # cuDNN autotunes, and a CUDA graph is captured, within the warm-up
+            plan = dataclasses.replace(plan, warmup=max(plan.warmup, WARMUP_STEPS + 1))
         images, labels = random_images(plan.batches * cfg.batch_size, num_classes)
         data = device_dataset(images, labels, num_classes, device)
         return cls(make_models(teacher, student, num_classes), images, labels, data, cfg, device, plan)
@@ -343,28 +359,28 @@ class Workload:
     def conventional_step(self, kind: str) -> Step:
         return conventional_step(kind, self.models, self.cfg, self.device)
 
-    def time_fast(self, step: Step, cfg: TrainConfig | None = None, loader: bool = False) -> float:
-        """Seconds per step, fed by `data.train_batches` or (ablation) by the conventional DataLoader."""
+    def fast_batches(self, cfg: TrainConfig | None = None, loader: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """Batches from `data.train_batches` or (ablation) from the conventional DataLoader."""
         cfg = cfg or self.cfg
         if loader:
             memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-            batches = (
+            batches: Iterator[tuple[Tensor, ...]] = (
                 (x.to(self.device, non_blocking=True).contiguous(memory_format=memory_format), y.to(self.device))
                 for x, y in conventional_loader(self.images, self.labels, cfg.batch_size, self.device)
             )
         else:
             generator = torch.Generator(device=self.device).manual_seed(0)
             batches = train_batches(self.data, cfg.batch_size, generator, channels_last=cfg.channels_last)
-        return seconds_per_step(step, batches, self.plan, self.device)
-
-    def time_conventional(self, step: Step) -> float:
-        loader = conventional_loader(self.images, self.labels, self.cfg.batch_size, self.device)
-        return seconds_per_step(step, iter(loader), self.plan, self.device)
+        return batches
 
     def fast(self, kind: str, cfg: TrainConfig | None = None, *, cohort_twice: bool = False,
-             loader: bool = False, sync_each_step: bool = False) -> float:
-        """Seconds per step of a fresh fast path, optionally with one optimisation undone (the ablation)."""
-        return self.time_fast(self.fast_step(kind, cfg, cohort_twice, sync_each_step), cfg, loader)
+             loader: bool = False, sync_each_step: bool = False) -> Timed:
+        """A fresh fast path and its batches, optionally with one optimisation undone (the ablation)."""
+        return self.fast_step(kind, cfg, cohort_twice, sync_each_step), self.fast_batches(cfg, loader)
+
+    def conventional(self, kind: str) -> Timed:
+        loader = conventional_loader(self.images, self.labels, self.cfg.batch_size, self.device)
+        return self.conventional_step(kind), iter(loader)
 
     def check(self, fast: Step, conventional: Step) -> tuple[float, float, bool]:
         """Both steps' loss on the same un-augmented first batch: (fast, conventional, agree).
@@ -406,17 +422,19 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 
 def describe(cfg: TrainConfig) -> str:
     """The fast path's settings in words, for table titles."""
-    return (f"{'bf16 autocast' if cfg.amp else 'fp32'}, {'channels_last' if cfg.channels_last else 'NCHW'}, "
-            f"{'torch.compile' if cfg.compile else 'eager'}")
+    kernels = {(False, False): "eager", (True, False): "torch.compile", (False, True): "CUDA graphs",
+               (True, True): "torch.compile + CUDA graphs"}[cfg.compile, cfg.cuda_graphs]
+    return f"{'bf16 autocast' if cfg.amp else 'fp32'}, {'channels_last' if cfg.channels_last else 'NCHW'}, {kernels}"
 
 
 def compare(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
-    """Each stage through both paths: the loss check, then the timings."""
+    """Each stage through both paths: the loss check, then the timings (interleaved)."""
     results = []
     for kind in kinds:
-        fast, conventional = work.fast_step(kind), work.conventional_step(kind)
+        (fast, fast_batches), (conventional, conventional_batches) = work.fast(kind), work.conventional(kind)
         fast_loss, conventional_loss, ok = work.check(fast, conventional)
-        conventional_s, fast_s = work.time_conventional(conventional), work.time_fast(fast)
+        conventional_s, fast_s = seconds_per_step([(conventional, conventional_batches), (fast, fast_batches)],
+                                                  work.plan, work.device)
         gflop = work.gflop(kind)
         batch = work.cfg.batch_size
         results.append({
@@ -453,7 +471,8 @@ def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, pla
         for batch in GROWTH_BATCHES:
             bcfg = dataclasses.replace(cfg, batch_size=batch)
             work = Workload.build(teacher, args.student, args.num_classes, bcfg, device, plan)
-            fast_s, conventional_s = work.fast("dih"), work.time_conventional(work.conventional_step("dih"))
+            fast_s, conventional_s = seconds_per_step([work.fast("dih"), work.conventional("dih")], work.plan,
+                                                      device)
             steps = math.ceil(EPOCH_IMAGES / batch)
             rows.append({"teacher": teacher, "batch_size": batch, "fast_epoch_s": round(fast_s * steps, 1),
                          "conventional_epoch_s": round(conventional_s * steps, 1),
@@ -468,15 +487,16 @@ def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, pla
     return rows
 
 
-def ablation(work: Workload, kinds: list[str], base: dict[str, float]) -> list[dict[str, Any]]:
-    """The fast path with one optimisation flipped at a time: images/s with it and without it."""
+def ablation(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
+    """The fast path with one optimisation flipped at a time, timed in turns with an unflipped one: images/s
+    with the optimisation and without it."""
     cfg, rows = work.cfg, []
 
     def flip(field: str) -> TrainConfig:
         return dataclasses.replace(cfg, **{field: not getattr(cfg, field)})
 
     for kind in kinds:
-        variants: list[tuple[str, bool, Callable[[], float]]] = [
+        variants: list[tuple[str, bool, Callable[[], Timed]]] = [
             ("channels_last", cfg.channels_last, partial(work.fast, kind, flip("channels_last"))),
             ("bf16 autocast", cfg.amp, partial(work.fast, kind, flip("amp"))),
             ("torch.compile", cfg.compile, partial(work.fast, kind, flip("compile"))),
@@ -487,11 +507,13 @@ def ablation(work: Workload, kinds: list[str], base: dict[str, float]) -> list[d
             variants.append(("cohort once, inference_mode (vs heads twice)", True,
                              partial(work.fast, kind, cohort_twice=True)))
         if work.device.type == "cuda":
-            variants.append(("cudnn.benchmark", torch.backends.cudnn.benchmark,
-                             partial(_flipped_cudnn_benchmark, work, kind)))
-        for name, in_fast_path, measure in variants:
-            flipped = work.cfg.batch_size / measure()
-            on, off = (base[kind], flipped) if in_fast_path else (flipped, base[kind])
+            variants += [("CUDA graphs", cfg.cuda_graphs, partial(work.fast, kind, flip("cuda_graphs"))),
+                         ("cudnn.benchmark", torch.backends.cudnn.benchmark,
+                          partial(_flipped_cudnn_benchmark, work, kind))]
+        for name, in_fast_path, flipped in variants:
+            base_s, flipped_s = seconds_per_step([work.fast(kind), flipped()], work.plan, work.device)
+            base, flipped_img_s = work.cfg.batch_size / base_s, work.cfg.batch_size / flipped_s
+            on, off = (base, flipped_img_s) if in_fast_path else (flipped_img_s, base)
             rows.append({"stage": kind, "optimisation": name, "in_fast_path": in_fast_path,
                          "img_s_on": round(on, 1), "img_s_off": round(off, 1), "gain": round(on / off, 3)})
     print_table(
@@ -503,13 +525,19 @@ def ablation(work: Workload, kinds: list[str], base: dict[str, float]) -> list[d
     return rows
 
 
-def _flipped_cudnn_benchmark(work: Workload, kind: str) -> float:
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = not previous
-    try:
-        return work.fast(kind)
-    finally:
-        torch.backends.cudnn.benchmark = previous
+def _flipped_cudnn_benchmark(work: Workload, kind: str) -> Timed:
+    """The fast path with cuDNN's autotuning flipped during its own steps only (the variants take turns)."""
+    step, batches = work.fast(kind)
+
+    def flipped(*batch: Tensor) -> Any:
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = not previous
+        try:
+            return step(*batch)
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
+    return flipped, batches
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -518,18 +546,20 @@ def _flipped_cudnn_benchmark(work: Workload, kind: str) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
-    p.add_argument("--stages", default=",".join(STAGES), help="some of teacher,heads,dih (default: all)")
-    p.add_argument("--teacher", default="res110", choices=MODEL_NAMES, metavar="MODEL", help="default: res110")
-    p.add_argument("--student", default="res8", choices=MODEL_NAMES, metavar="MODEL", help="default: res8")
-    p.add_argument("--num_classes", type=int, default=100, help="default: 100, as CIFAR-100")
-    p.add_argument("--batch_size", type=int, default=64, help="default: 64, the paper's")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default 20; --quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats; the median counts (default 5; --quick 3)")
+    p.add_argument("--stages", default=",".join(STAGES), help="some of teacher,heads,dih")
+    p.add_argument("--teacher", default="res110", choices=MODEL_NAMES, metavar="MODEL", help="a model of the zoo")
+    p.add_argument("--student", default="res8", choices=MODEL_NAMES, metavar="MODEL", help="a model of the zoo")
+    p.add_argument("--num_classes", type=int, default=100, help="as CIFAR-100")
+    p.add_argument("--batch_size", type=int, default=64, help="the paper's")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default: 20; --quick: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5, at least 3 on CUDA; "
+                                                             "--quick: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, the paths taking turns; the median "
+                                                              "counts (default: 5; --quick: 3)")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                   help="bf16 autocast (default auto: what the stage scripts choose for the device)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile (default auto: what the stage scripts choose for the device)")
+                   help="bf16 autocast (auto: what the stage scripts choose for the device)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                   help="torch.compile and/or CUDA graphs, as the stage scripts' flag (auto: what they choose)")
     p.add_argument("--quick", action="store_true", help="few steps: about 30 s on 2 quiet CPU cores")
     p.add_argument("--growth", action="store_true", help="also epoch times for res20/56/110 x batch 64/128/256")
     p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
@@ -569,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     results = compare(work, args.stages)
     extra: dict[str, Any] = {}
     if args.ablation:
-        extra["ablation"] = ablation(work, args.stages, {r["stage"]: r["fast_img_s"] for r in results})
+        extra["ablation"] = ablation(work, args.stages)
     if args.growth:
         extra["growth"] = growth(args, cfg, device, plan)
     headline = next((r for r in results if r["stage"] == "dih"), results[-1])
@@ -586,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_classes": args.num_classes,
         "amp": cfg.amp,
         "compile": cfg.compile,
+        "cuda_graphs": cfg.cuda_graphs,
         "channels_last": cfg.channels_last,
         "plan": dataclasses.asdict(plan),
         "torch": torch.__version__,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +17,42 @@ from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_d
 from engine import EXTRAS_FILE, TrainConfig
 from heads import IntermediateHeads
 from models import TapModel, build_model
-from utils import UserError, parse_schedule, resolve_device
+from utils import COMPILE_MODES, UserError, choose_execution, cpu_execution_inputs, parse_schedule, resolve_device
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows every flag's default once: appended unless the help text already says it, lists as typed on the
+    command line, nothing for a plain switch or a flag without a default (argparse's own formatter repeats
+    a default the text already gives, and shows none for a flag without help text)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help or "").strip() and self._default_text(action):
+            action = copy.copy(action)
+            action.help = self._default_text(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = self._default_text(action)
+        return f"{text} {default}".strip() if default and "(default" not in text else text
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str:
+        """'(default: ...)' for a flag with a default worth showing, else ''."""
+        default = action.default
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if switch or default is None or default is argparse.SUPPRESS:
+            return ""
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"(default: {shown.replace('%', '%%')})"
 
 
 class Parser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line on stderr (exit 2), like every other bad input."""
+    """An argparse parser whose errors are one line on stderr (exit 2), like every other bad input, and whose
+    help shows each default once."""
+
+    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = DefaultsFormatter, **kwargs: Any):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -27,7 +60,7 @@ class Parser(argparse.ArgumentParser):
 
 def common_parser(description: str) -> Parser:
     """Flags every stage takes; defaults are the paper's (Table 2 of the original README)."""
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description)
     p.add_argument("--dataset", default="cifar100",
                    help="cifar10, cifar100, tinyimagenet, synthetic, or a PATH.npz of your own")
     p.add_argument("--data_dir", default="./data", help="where CIFAR and Tiny-ImageNet are downloaded to / read from")
@@ -45,14 +78,15 @@ def common_parser(description: str) -> Parser:
                    help="LR decay factor (the original README says 0.1, its code defaulted to 0.2)")
     p.add_argument("--seed", type=int, default=30, help="the paper averages seeds 30, 50 and 67")
     p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
-    p.add_argument("--out_dir", default=None, help="output folder (default: derived from dataset, models and seed)")
+    p.add_argument("--out_dir", default=None, help="output folder (default: runs/<dataset>/<run name>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir (a finished run is kept)")
     p.add_argument("--pad_mode", choices=PAD_MODES, default=DEFAULT_PAD_MODE,
                    help="padding of the random crop: zeros (torchvision's default, the authors' code) or reflect")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                   help="bf16 autocast (auto: on for CUDA, off for the CPU)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the steps (auto: off; see docs/BENCHMARKS.md)")
+                   help="bf16 autocast (auto: on for CUDA and for CPUs with native bf16, AMX or AVX512-BF16)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                   help="on: torch.compile; graphs: replay each training step from a CUDA graph; max: both "
+                        "(auto: off; see docs/BENCHMARKS.md)")
     return p
 
 
@@ -70,7 +104,7 @@ def parse(parser: Parser, argv: list[str] | None) -> tuple[argparse.Namespace, t
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name} must be non-negative, got {getattr(args, name)}")
     device = resolve_device(args.gpu_id)
-    on_cuda = device.type == "cuda"
+    execution = choose_execution(device, args.amp, args.compile, **cpu_execution_inputs())
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -81,12 +115,13 @@ def parse(parser: Parser, argv: list[str] | None) -> tuple[argparse.Namespace, t
         schedule=tuple(args.schedule),
         gamma=args.gamma,
         seed=args.seed,
-        amp=args.amp == "on" or (args.amp == "auto" and on_cuda),
-        compile=args.compile == "on",
-        channels_last=on_cuda,
+        amp=execution.amp,
+        compile=execution.compile,
+        channels_last=execution.channels_last,
+        cuda_graphs=execution.cuda_graphs,
         pad_mode=args.pad_mode,
     )
-    if on_cuda:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return args, device, cfg
 
@@ -108,9 +143,18 @@ def stored_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "rerun with --resume to continue") -> None:
-    """Run a script's main; turn user errors into one line on stderr and exit 2, never a traceback."""
+    """Run a script's main; turn user errors into one line on stderr and exit 2, never a traceback.
+
+    A reader that leaves early (`| head`) ends the script quietly, with 141 like a tool killed by SIGPIPE.
+    """
     try:
-        main(None)
+        try:
+            main(None)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+        sys.exit(141)
     except UserError as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ from utils import UserError, atomic_write_json, atomic_write_text, lr_at
 
 RESUME_FILE = "last.pt"
 EXTRAS_FILE = "extras.pt"
-# Arguments that may change when a run is resumed: where it runs and where it reads and writes.
-RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "compile", "summary"})
+# Arguments that may change when a run is resumed: where and how fast it runs, where it reads and writes. The
+# effective precision (which --amp gives on the device) is checked on its own.
+RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "amp", "compile", "summary"})
 
 StepOutput = tuple[Tensor, list[Tensor]]  # (loss, logits of each classifier being trained)
 
@@ -49,8 +51,9 @@ class TrainConfig:
     gamma: float
     seed: int
     amp: bool = False  # bf16 autocast; losses stay in fp32
-    compile: bool = False  # torch.compile the training and evaluation steps
+    compile: bool = False  # torch.compile the forward and loss of the training step, and the evaluation step
     channels_last: bool = False
+    cuda_graphs: bool = False  # replay the whole training step, optimizer included, from CUDA graphs
     pad_mode: str = DEFAULT_PAD_MODE  # of the random crop: "zeros" (the authors' code) or "reflect"
     eval_batch_size: int = 1000
 
@@ -124,19 +127,31 @@ def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig) -> torc
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast when `cfg.amp` (losses are computed in fp32 by the stages), else nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
+    """bf16 autocast when `cfg.amp` (losses are computed in fp32 by the stages), else nothing.
+
+    Its cache of bf16 weight copies is off under CUDA graphs, whose captured memory must not outlive a step.
+    """
+    if not cfg.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.cuda_graphs)
+
+
+StepResult = tuple[Tensor, Tensor | None]  # (loss, number correct): device tensors
+TrainStep = Callable[[Batch], StepResult]
 
 
 def make_train_step(loss_fn: Callable[[Batch], StepOutput], optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig) -> Callable[[Batch], tuple[Tensor, Tensor | None]]:
+                    cfg: TrainConfig) -> TrainStep:
     """One optimisation step on a batch, returning (loss, number correct) as device tensors: no host sync.
 
     The number correct is None when the loss trains no classifier.
+    `cfg.compile` compiles the forward and the loss, and through AOTAutograd their backward; the optimizer stays
+    eager (compiling SGD took 74 s on 2 CPU cores to save 4 of ~240 ms per res110 step, and recompiles at each
+    LR). `cfg.cuda_graphs` replays the whole step, optimizer included, from CUDA graphs: see `GraphedStep`.
     """
     forward = torch.compile(loss_fn) if cfg.compile else loss_fn
 
-    def step(batch: Batch) -> tuple[Tensor, Tensor | None]:
+    def step(batch: Batch) -> StepResult:
         with autocast(cfg, batch.x.device):
             loss, logits = forward(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -147,7 +162,83 @@ def make_train_step(loss_fn: Callable[[Batch], StepOutput], optimizer: torch.opt
         correct = sum((out.argmax(1) == batch.y).sum() for out in logits) / len(logits)
         return loss.detach().float(), correct
 
-    return step
+    return GraphedStep(step, optimizer) if cfg.cuda_graphs else step
+
+
+WARMUP_STEPS = 2  # eager steps of each batch shape before it is captured: momentum buffers, cuDNN autotuning, compiling
+
+
+def on_side_stream(step: TrainStep, batch: Batch) -> StepResult:
+    """An eager step on a side stream, as CUDA graphs want their warm-up; the outputs come back on the current one."""
+    current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        outputs = step(batch)
+    current.wait_stream(side)
+    return outputs
+
+
+def capture_cuda_graph(step: TrainStep, static: Batch) -> tuple[Callable[[], None], StepResult]:
+    """Record `step` on the static batch as a CUDA graph: its replay function and its static outputs."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step(static)
+    return graph.replay, outputs
+
+
+class GraphedStep:
+    """A training step replayed from CUDA graphs: one launch per step instead of hundreds (eager batch-64 steps
+    are launch-bound on a GPU, docs/BENCHMARKS.md).
+
+    Each batch shape (the full batch, an epoch's partial last one) first runs `WARMUP_STEPS` eager steps, then
+    is captured once; a change of the optimizer's hyper-parameters (the LR at a milestone) recaptures, since a
+    graph holds them as constants. Each batch is copied into its graph's static inputs and the outputs are
+    cloned out of its static ones. The replayed kernels are the eager ones: results equal eager up to the
+    kernels' own nondeterminism. A graph sees tensors, not Python values: state that a stage changes between
+    epochs must live in a tensor updated in place (as TOFD's temperature does), and a step must not read a
+    value back to the host. `warm` and `capture` are CUDA's unless a test fakes them.
+    """
+
+    def __init__(self, step: TrainStep, optimizer: torch.optim.Optimizer,
+                 warm: Callable[[TrainStep, Batch], StepResult] = on_side_stream,
+                 capture: Callable[[TrainStep, Batch], tuple[Callable[[], None], StepResult]] = capture_cuda_graph):
+        self.step, self.optimizer, self.warm, self.capture = step, optimizer, warm, capture
+        self.eager_steps: Counter[tuple[int, ...]] = Counter()
+        self.graphs: dict[tuple[int, ...], tuple[Batch, Callable[[], None], StepResult]] = {}
+        self.hyper: list[dict[str, Any]] = []
+
+    def __call__(self, batch: Batch) -> StepResult:
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        if hyper != self.hyper:
+            self.graphs.clear()
+            self.hyper = hyper
+        shape = tuple(batch.x.shape)
+        if shape not in self.graphs:
+            if self.eager_steps[shape] < WARMUP_STEPS:
+                self.eager_steps[shape] += 1
+                return self.warm(self.step, batch)
+            self.graphs[shape] = self._capture(batch)
+        static, replay, outputs = self.graphs[shape]
+        for buffer, value in zip(static, batch, strict=True):
+            if buffer is not None:
+                buffer.copy_(value)
+        replay()
+        loss, correct = outputs
+        return loss.clone(), None if correct is None else correct.clone()
+
+    def _capture(self, batch: Batch) -> tuple[Batch, Callable[[], None], StepResult]:
+        static = Batch(*(None if t is None else t.clone() for t in batch))
+        # No gradient may exist at capture: the graph's backward then writes fresh ones instead of accumulating.
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            replay, outputs = self.capture(self.step, static)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--compile graphs: this step cannot be captured as a CUDA graph ({reason}); "
+                            "use --compile on or off") from None
+        return static, replay, outputs
 
 
 def locate(phases: list[Phase], epoch: int) -> tuple[int, int]:
@@ -186,7 +277,7 @@ def fit(
     if summary_path.exists() or resume_path.exists():
         if not resume:
             raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
-        history, optimizer_state = _restore(resume_path, stage, generator, args)
+        history, optimizer_state = _restore(resume_path, stage, generator, args, cfg)
         if summary_path.exists():
             log(f"{out_dir} is already finished; nothing to do")
             return json.loads(summary_path.read_text())
@@ -240,7 +331,7 @@ def fit(
             row["test_acc_by_output"] = {name: acc for name, (_, acc) in test.items()}
         row["seconds"] = time.perf_counter() - started
         history.append(row)
-        _save_progress(out_dir, stage, index, optimizer, generator, history, args)
+        _save_progress(out_dir, stage, index, optimizer, generator, history, args, cfg)
         log(
             f"epoch {epoch:3d}/{total} {phase.name if len(phases) > 1 else ''} lr {lr:.4g}  "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc'] or 0:.2f}  "
@@ -264,7 +355,7 @@ def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: Train
     return {name: (float(s[0]) / count, 100.0 * float(s[1]) / count) for name, s in sums.items()}
 
 
-def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator, history, args) -> None:
+def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator, history, args, cfg) -> None:
     """Everything needed to continue exactly after this epoch, then the metrics so far."""
     save_checkpoint(
         out_dir / RESUME_FILE,
@@ -274,6 +365,7 @@ def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator
         args=args,
         history=history,
         phase_index=phase_index,
+        amp=cfg.amp,  # the effective precision: --amp auto may pick another one on another machine
         optimizer=optimizer.state_dict(),
         data_rng=generator.get_state(),
         torch_rng=torch.get_rng_state(),
@@ -282,9 +374,14 @@ def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
-def _restore(path: Path, stage: Stage, generator, args: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple]:
+def _restore(path: Path, stage: Stage, generator, args: dict[str, Any], cfg: TrainConfig
+             ) -> tuple[list[dict[str, Any]], tuple]:
     ckpt = load_checkpoint(path, "resume", "--resume")
     expect_match(ckpt, "--resume", stage=stage.kind)
+    if ckpt.get("amp", cfg.amp) != cfg.amp:  # (checkpoints before this check did not record it)
+        precision = {True: "bf16 autocast", False: "fp32"}
+        raise UserError(f"--resume: this run trained in {precision[ckpt['amp']]}, but here --amp {args.get('amp')} "
+                        f"gives {precision[cfg.amp]}; resume with --amp {'on' if ckpt['amp'] else 'off'}")
     changed = sorted(
         key for key in set(args) | set(ckpt["args"])
         if key not in RESUMABLE_CHANGES and args.get(key) != ckpt["args"].get(key)

@@ -26,7 +26,7 @@ def build_parser() -> cli.Parser:
     parser.add_argument("--method", choices=tuple(METHODS), default="dih",
                         help="; ".join(f"{name}: {m.transfers}" for name, m in METHODS.items()))
     parser.add_argument("--student", default="res8", help=f"one of {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--teacher", help=f"the trained teacher's architecture (default {DEFAULT_TEACHER})")
+    parser.add_argument("--teacher", help=f"the trained teacher's architecture (default: {DEFAULT_TEACHER})")
     parser.add_argument("--teacher_ckpt", help="its weights (default: stage 1's default output)")
     parser.add_argument("--heads_ckpt", help="DIH: stage-2 heads (default: stage 2's default output)")
     parser.add_argument("--ta", help="TAKD: the teacher assistant's architecture (default: res20, or res14 "
@@ -36,10 +36,12 @@ def build_parser() -> cli.Parser:
     group = parser.add_argument_group("hyper-parameters (each method's defaults apply where not given: "
                                       "see README, Methods)")
     for name, hyper in HYPERS.items():
+        defaults = ", ".join(f"{m.name} {m.defaults[name]}" for m in METHODS.values() if name in m.defaults)
+        text = f"{hyper.help} (default: {defaults or 'set by the method'})"
         if hyper.type is bool:
-            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=hyper.help)
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(f"--{name}", type=hyper.type, default=None, help=hyper.help)
+            group.add_argument(f"--{name}", type=hyper.type, default=None, help=text)
     return parser
 
 

@@ -50,19 +50,22 @@ def config(**overrides: bool) -> TrainConfig:
                        gamma=0.1, seed=0, **overrides)
 
 
-def fast(kind: str, models: bench.Models, x: Tensor, y: Tensor, cfg: TrainConfig) -> tuple[float, dict[str, Tensor]]:
+def fast(kind: str, models: bench.Models, x: Tensor, y: Tensor, cfg: TrainConfig,
+         device: torch.device = CPU) -> tuple[float, dict[str, Tensor]]:
     """Loss and gradients from the project's step for stage `kind`."""
-    stage = bench.fast_stage(kind, models, cfg, CPU)
+    stage = bench.fast_stage(kind, models, cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     optimizer = make_optimizer(trainable_parameters(stage.trainable), cfg)
-    batch = Batch(x.contiguous(memory_format=memory_format), y, None)
+    batch = Batch(x.to(device).contiguous(memory_format=memory_format), y.to(device), None)
     loss, _ = make_train_step(stage.training_step, optimizer, cfg)(batch)
     return loss.item(), {name: p.grad for name, p in stage.model.named_parameters()}
 
 
-def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor) -> tuple[float, dict[str, Tensor]]:
+def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor,
+              device: torch.device = CPU) -> tuple[float, dict[str, Tensor]]:
     """The same step written out plainly: fp32, NCHW, eager, the cohort loss of SPEC section 1 member by member."""
-    teacher, heads, student = (copy.deepcopy(m) for m in (models.teacher, models.heads, models.student))
+    teacher, heads, student = (copy.deepcopy(m).to(device) for m in (models.teacher, models.heads, models.student))
+    x, y = x.to(device), y.to(device)
     if kind == "teacher":
         trainable = teacher.train()
         loss = F.cross_entropy(teacher(x), y)
@@ -89,10 +92,10 @@ def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor) -> tuple[fl
 
 
 def relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
-    """‖got − want‖ / ‖want‖ over all gradients together (the direction SGD takes)."""
+    """‖got − want‖ / ‖want‖ over all gradients (or weights) together (the direction SGD takes)."""
     assert got.keys() == want.keys()
-    diff = sum(((got[k].float() - want[k]) ** 2).sum() for k in want)
-    return float((diff / sum((w**2).sum() for w in want.values())).sqrt())
+    diff = sum(((got[k].double() - want[k].double()) ** 2).sum() for k in want)
+    return float((diff / sum((w.double() ** 2).sum() for w in want.values())).sqrt())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,0 +1,259 @@
+"""How the steps run: the device's execution choice, CUDA-graph bookkeeping (with faked CUDA), help texts, pipes.
+
+The CUDA paths themselves are exercised by tests/test_cuda.py on a GPU (make gpu-check); here, everything around
+them that a CPU can check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, assert_clean_failure, run_script
+from torch import nn
+
+import bench
+import reproduce
+import test_dih
+import train_heads
+import train_teacher
+from data import Batch
+from engine import WARMUP_STEPS, GraphedStep, TrainConfig, make_optimizer, make_train_step
+from utils import UserError, choose_execution, cpu_flags, native_bf16
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
+
+
+# ------------------------------------------------------------------------------------- execution choice
+
+
+@pytest.mark.parametrize("native,avx512", [(True, True), (False, True), (False, False), (True, False)])
+def test_cpu_auto_amp_follows_native_bf16_and_channels_last_avx512(native, avx512):
+    auto = choose_execution(CPU, "auto", "auto", native_bf16=native, avx512=avx512)
+    assert (auto.amp, auto.channels_last, auto.compile, auto.cuda_graphs) == (native, avx512, False, False)
+    assert choose_execution(CPU, "on", "off", native_bf16=native, avx512=avx512).amp
+    assert not choose_execution(CPU, "off", "on", native_bf16=native, avx512=avx512).amp
+    assert choose_execution(CPU, "off", "on", native_bf16=native, avx512=avx512).compile
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_cuda_auto_amp_follows_the_gpu(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    auto = choose_execution(CUDA, "auto", "auto", native_bf16=False, avx512=False)
+    assert (auto.amp, auto.channels_last, auto.compile, auto.cuda_graphs) == (bf16, True, False, False)
+    modes = {mode: choose_execution(CUDA, "auto", mode, native_bf16=False, avx512=False)
+             for mode in ("off", "on", "graphs", "max")}
+    assert {mode: (e.compile, e.cuda_graphs) for mode, e in modes.items()} == {
+        "off": (False, False), "on": (True, False), "graphs": (False, True), "max": (True, True)}
+
+
+@pytest.mark.parametrize("mode", ["graphs", "max"])
+def test_cuda_graphs_on_the_cpu_are_a_user_error(mode):
+    with pytest.raises(UserError, match=f"--compile {mode}.*GPU"):
+        choose_execution(CPU, "auto", mode, native_bf16=True, avx512=True)
+
+
+def test_native_bf16_needs_every_available_source_to_agree(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\nprocessor\t: 1\n"
+                       "flags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    flags = cpu_flags(cpuinfo)
+    assert flags == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") is None
+    assert native_bf16(flags, True) and native_bf16(flags, None) and native_bf16(None, True)
+    assert not native_bf16(flags, False)  # the two sources disagree: fp32, the safe side
+    assert not native_bf16({"fpu", "avx512f"}, None) and not native_bf16(None, None)
+    assert native_bf16({"amx_bf16"}, None)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs, faked
+
+
+class FakeCuda:
+    """Stands in for CUDA: warm-up runs the step eagerly; capture records it without running it (as CUDA does)
+    and returns a replay that runs it on the static batch, writing into the static outputs."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, no_logits: bool = False):
+        self.optimizer, self.no_logits = optimizer, no_logits
+        self.warmed: list[tuple[int, ...]] = []
+        self.captured: list[tuple[tuple[int, ...], float]] = []
+
+    def warm(self, step, batch):
+        self.warmed.append(tuple(batch.x.shape))
+        return step(batch)
+
+    def capture(self, step, static):
+        self.captured.append((tuple(static.x.shape), self.optimizer.param_groups[0]["lr"]))
+        outputs = (torch.zeros(()), None if self.no_logits else torch.zeros(()))
+
+        def replay():
+            loss, correct = step(static)
+            outputs[0].copy_(loss)
+            if correct is not None:
+                outputs[1].copy_(correct)
+
+        return replay, outputs
+
+
+def tiny_setup(no_logits: bool = False):
+    """A linear classifier on 3x4x4 inputs, its SGD and the engine's eager step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.1, momentum=0.9, wd=5e-4, nesterov=True, schedule=(), gamma=0.1,
+                      seed=0)
+    optimizer = make_optimizer(model.parameters(), cfg)
+
+    def loss_fn(batch):
+        logits = model(batch.x)
+        return F.cross_entropy(logits, batch.y), [] if no_logits else [logits]
+
+    return model, optimizer, make_train_step(loss_fn, optimizer, cfg)
+
+
+def batches(sizes: list[int]) -> list[Batch]:
+    gen = torch.Generator().manual_seed(1)
+    return [Batch(torch.randn(n, 3, 4, 4, generator=gen), torch.randint(0, 5, (n,), generator=gen),
+                  torch.arange(n)) for n in sizes]
+
+
+@pytest.mark.parametrize("no_logits", [False, True])
+def test_graphed_step_warms_captures_per_shape_recaptures_on_lr_and_equals_eager(no_logits):
+    """Two epochs of 3 full batches and a partial one, the LR dropping between them, then a third epoch."""
+    sizes = [8, 8, 8, 3]
+    lrs = [0.1, 0.1, 0.01]
+    eager_model, eager_opt, eager = tiny_setup(no_logits)
+    graphed_model, graphed_opt, inner = tiny_setup(no_logits)
+    fake = FakeCuda(graphed_opt, no_logits)
+    graphed = GraphedStep(inner, graphed_opt, warm=fake.warm, capture=fake.capture)
+    for lr in lrs:
+        for group in [*eager_opt.param_groups, *graphed_opt.param_groups]:
+            group["lr"] = lr
+        for batch in batches(sizes):
+            want, got = eager(batch), graphed(batch)
+            assert torch.equal(want[0], got[0])
+            assert (got[1] is None) if no_logits else torch.equal(want[1], got[1])
+    assert all(torch.equal(a, b) for a, b in zip(eager_model.state_dict().values(),
+                                                 graphed_model.state_dict().values(), strict=True))
+    # Warm-up: WARMUP_STEPS eager steps of each shape, never again; the partial batch comes once per epoch.
+    assert fake.warmed == [(8, 3, 4, 4)] * WARMUP_STEPS + [(3, 3, 4, 4)] * WARMUP_STEPS
+    # Capture: the full batch in epoch 1; after the LR drop (epoch 3) the full batch again, with the new LR baked
+    # in, and the partial one at its third appearance.
+    assert fake.captured == [((8, 3, 4, 4), 0.1), ((8, 3, 4, 4), 0.01), ((3, 3, 4, 4), 0.01)]
+
+
+def test_graphed_step_outputs_are_copies_of_the_static_ones():
+    """A caller accumulating the returned loss must not see it change at the next replay."""
+    _, optimizer, inner = tiny_setup()
+    fake = FakeCuda(optimizer)
+    graphed = GraphedStep(inner, optimizer, warm=fake.warm, capture=fake.capture)
+    losses = [graphed(batch)[0] for batch in batches([8] * (WARMUP_STEPS + 3))]
+    assert len({float(loss) for loss in losses[WARMUP_STEPS:]}) == 3  # three replays, three losses kept
+
+
+def test_a_step_that_cannot_be_captured_is_a_user_error():
+    _, optimizer, inner = tiny_setup()
+
+    def capture(step, static):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    graphed = GraphedStep(inner, optimizer, warm=lambda step, batch: step(batch), capture=capture)
+    with pytest.raises(UserError, match="cannot be captured as a CUDA graph \\(operation not permitted"):
+        for batch in batches([8] * (WARMUP_STEPS + 1)):
+            graphed(batch)
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_a_change_of_precision(tiny_npz, tmp_path):
+    common = ["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "1", "--out_dir", str(tmp_path), "--gpu_id",
+              "cpu", "--batch_size", "128"]
+    train_teacher.main([*common, "--amp", "off"])
+    (tmp_path / "summary.json").unlink()
+    refusal = "trained in fp32, but here --amp on gives bf16 autocast; resume with --amp off"
+    with pytest.raises(UserError, match=refusal):
+        train_teacher.main([*common, "--amp", "on", "--resume"])
+    train_teacher.main([*common, "--amp", "off", "--resume"])  # the same precision resumes
+    assert (tmp_path / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+def parsers_and_help(monkeypatch, capsys) -> dict[str, tuple[argparse.ArgumentParser, str]]:
+    """Each script's parser and its --help text, from the script's own main."""
+    seen: list[argparse.ArgumentParser] = []
+    real = argparse.ArgumentParser.format_help
+    monkeypatch.setattr(argparse.ArgumentParser, "format_help", lambda self: seen.append(self) or real(self))
+    out = {}
+    for name, main in [("train_teacher.py", train_teacher.main), ("train_heads.py", train_heads.main),
+                       ("test_dih.py", test_dih.main), ("reproduce.py", reproduce.main), ("bench.py", bench.main)]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+        assert exit_.value.code == 0
+        out[name] = (seen[-1], capsys.readouterr().out)
+    return out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """The help text of each option, by its first flag, lines joined."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        match = re.match(r"^  (-{1,2}[\w-]+)", line)
+        if match:
+            flag = match.group(1)
+            entries[flag] = line
+        elif flag and line.startswith("   "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+def test_help_shows_each_default_once(monkeypatch, capsys):
+    for script, (parser, text) in parsers_and_help(monkeypatch, capsys).items():
+        entries = help_entries(text)
+        for action in parser._actions:
+            if not action.option_strings or action.default is argparse.SUPPRESS:
+                continue
+            entry = entries[action.option_strings[0]]
+            assert entry.count("(default") <= 1, (script, entry)
+            switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+            if action.default is not None and not switch:
+                assert "(default: " in entry, (script, entry)
+        assert "(default: None)" not in text, script
+
+
+# --------------------------------------------------------------------------------------------- scripts
+
+
+@pytest.mark.parametrize("argv", [
+    ["reproduce.py", "--preset", "paper-cifar100", "--dry_run"],
+    ["bench.py", "--gpu_id", "cpu", "--stages", "dih", "--teacher", "res8", "--num_classes", "10", "--steps", "1"],
+])
+def test_a_reader_that_leaves_early_ends_the_script_quietly(argv):
+    """As in `script | head -1`, with the reader gone before the first write: no traceback, the exit status of a
+    tool killed by SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
+                                                                    "PATH": "/usr/bin:/bin"})
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_missing_teacher_is_reported_before_any_data_with_the_command_making_it(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    result = run_script("train_heads.py", "--dataset", "cifar100", "--data_dir", str(data_dir), "--gpu_id", "cpu",
+                        cwd=tmp_path)
+    assert_clean_failure(result, "runs/cifar100/teacher-res110-seed30/teacher.pt",
+                         "python3 train_teacher.py --model res110 --dataset cifar100 --seed 30")
+    assert list(data_dir.iterdir()) == []
