@@ -50,9 +50,10 @@ from torchvision import transforms
 import cli
 from data import CIFAR_SOURCES, Batch, DeviceDataset, from_arrays, test_batches, train_batches
 from engine import WARMUP_STEPS, Stage, TrainConfig, make_optimizer, make_train_step, trainable_parameters
-from heads import IntermediateHeads, heads_for
-from methods import Setup
+from heads import IntermediateHeads, heads_for, tofd_aux_for
+from methods import METHODS, Setup
 from methods.dih import CohortDistillation
+from methods.takd import default_assistant
 from models import MODEL_NAMES, TapModel, build_model
 from stages import HeadsTraining, TeacherTraining
 from utils import COMPILE_MODES
@@ -464,6 +465,62 @@ def compare(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
     return results
 
 
+def method_stage(method: str, work: Workload, data: DeviceDataset, cfg: TrainConfig) -> Stage:
+    """A student stage of `method` on copies of the workload's models, each method with its defaults.
+
+    TAKD's step is KD from its assistant (res20, BASELINES.md); TOFD's teacher gets random auxiliary
+    classifiers (what it trains in its own run). `data` is shaped like CIFAR's training set, since CRD's
+    memory banks and negatives scale with it.
+    """
+    spec = METHODS[method]
+    device, channels_last = work.device, cfg.channels_last
+    teacher_name = default_assistant(work.models.teacher_name) if spec.assistant else work.models.teacher_name
+    teacher = work.models.teacher if teacher_name == work.models.teacher_name else make_models(
+        teacher_name, "res8", data.num_classes).teacher
+    teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
+    teacher_ckpt = None
+    if spec.teacher == "tofd":
+        aux = tofd_aux_for(teacher, data.num_classes, data.image_size)
+        teacher_ckpt = {"extras": {"state_dict": nn.ModuleDict({"aux": aux}).state_dict()}}
+    heads = place(work.models.heads, device, channels_last).eval().requires_grad_(False) if spec.heads else None
+    setup = Setup(place(work.models.student, device, channels_last), teacher, dict(spec.defaults), data, meta={},
+                  heads=heads, teacher_ckpt=teacher_ckpt)
+    stage = spec.build(setup)
+    stage.extras.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return stage
+
+
+def method_costs(work: Workload, names: list[str]) -> list[dict[str, Any]]:
+    """Each student method's training step (the engine's step on its stage), interleaved, against KD's."""
+    n = EPOCH_IMAGES
+    data = dataclasses.replace(work.data, y_train=torch.arange(n, device=work.device) % work.data.num_classes,
+                               x_train=torch.empty((n, *work.data.x_train.shape[1:]), dtype=torch.uint8,
+                                                   device=work.device))
+    no_assistant = METHODS["takd"].assistant and default_assistant(work.models.teacher_name) is None
+    names = ["kd", *(m for m in names if m != "kd" and not (m == "takd" and no_assistant))]
+    variants: list[Timed] = []
+    for name in names:
+        stage = method_stage(name, work, data, work.cfg)
+        phase = stage.phases(1)[-1]  # FitNets: its KD phase (the hint phase trains a fraction of the student)
+        train_step = make_train_step(phase.loss, make_optimizer(phase.parameters, work.cfg), work.cfg)
+        stage.trainable.train()
+        stage.start_epoch(1)
+
+        def step(x: Tensor, y: Tensor, index: Tensor, train_step=train_step) -> Tensor:
+            return train_step(Batch(x, y, index))[0]
+
+        generator = torch.Generator(device=work.device).manual_seed(0)
+        variants.append((step, train_batches(work.data, work.cfg.batch_size, generator, work.cfg.channels_last)))
+    seconds = seconds_per_step(variants, work.plan, work.device)
+    results = [{"method": name, "ms_per_step": round(1e3 * t, 1), "vs_kd": round(t / seconds[0], 2)}
+               for name, t in zip(names, seconds, strict=True)]
+    print_table(f"student methods, {work.models.teacher_name} -> res8 ({describe(work.cfg)}), per training step "
+                f"(each method's defaults; CRD's banks sized for {n} images; TAKD: KD from its assistant)",
+                ["method", "ms/step", "vs KD"],
+                [[r["method"], r["ms_per_step"], f"{r['vs_kd']:.2f}x"] for r in results])
+    return results
+
+
 def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, plan: Plan) -> list[dict[str, Any]]:
     """DIH-stage epoch time against teacher depth and batch size, both paths."""
     rows = []
@@ -563,6 +620,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few steps: about 30 s on 2 quiet CPU cores")
     p.add_argument("--growth", action="store_true", help="also epoch times for res20/56/110 x batch 64/128/256")
     p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
+    p.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=None, metavar="METHOD",
+                   help="also the student step of these methods against KD's (no names: every method but CE)")
     args = p.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not args.stages or not set(args.stages) <= set(STAGES):
@@ -602,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["ablation"] = ablation(work, args.stages)
     if args.growth:
         extra["growth"] = growth(args, cfg, device, plan)
+    if args.methods is not None:
+        extra["methods"] = method_costs(work, args.methods or [m for m in METHODS if m != "ce"])
     headline = next((r for r in results if r["stage"] == "dih"), results[-1])
     failed = [r["stage"] for r in results if not r["loss_check"]["ok"]]
     total_s, load_after = time.perf_counter() - started, os.getloadavg()[0]

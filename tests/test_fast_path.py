@@ -169,6 +169,18 @@ def test_bench_runs_and_ends_with_the_json_line():
     assert record["loss_check"]["ok"]
 
 
+def test_bench_times_every_student_method_against_kd(capsys):
+    """`--methods`: each method's own stage and step (its defaults), a ratio to KD's; TAKD needs a teacher with an
+    assistant, so res20 teaches here (its assistant is res14)."""
+    argv = ["--gpu_id", "cpu", "--stages", "dih", "--teacher", "res20", "--num_classes", str(NUM_CLASSES),
+            "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1", "--methods"]
+    assert bench.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    costs = {row["method"]: row for row in record["methods"]}
+    assert list(costs) == ["kd", "fitnets", "takd", "at", "crd", "tofd", "mhkd", "dih"]
+    assert costs["kd"]["vs_kd"] == 1.0 and all(row["ms_per_step"] > 0 for row in costs.values())
+
+
 def test_bench_fails_when_the_paths_disagree(monkeypatch, capsys):
     real = bench.conventional_step
 
