@@ -3,15 +3,17 @@ schedules."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -132,19 +134,28 @@ def lr_at(epoch: int, base_lr: float, milestones: list[int], gamma: float) -> fl
     return base_lr * gamma ** sum(epoch > m for m in milestones)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` only once fully written: written under a temporary name beside it,
+    flushed to disk, then renamed into place; removed if anything fails. No reader ever sees half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results and data are meant to be shared
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from utils import atomic_open
 
 from .base import one_line
 
@@ -55,19 +56,10 @@ def write(path: Path, arrays: dict[str, np.ndarray], key: dict[str, Any], info: 
     described = {"key": key, "info": info, "arrays": layout, "payload_bytes": offset}
     header = json.dumps({**described, "sha256": _checksum(described, chunks)}).encode()
     preamble = MAGIC + len(header).to_bytes(8, "little") + header
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a data folder is often shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(preamble + bytes(_aligned(len(preamble)) - len(preamble)))
-            for chunk in chunks:
-                f.write(chunk.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(preamble + bytes(_aligned(len(preamble)) - len(preamble)))
+        for chunk in chunks:
+            f.write(chunk.data)
 
 
 def read(path: Path, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from utils import atomic_open
 
 from . import arrays
 from .base import DataError, HostData, one_line
@@ -22,15 +22,8 @@ def save_npz(
     path: str | Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
 ) -> None:
     """Write a dataset in the ``--dataset PATH.npz`` format; atomic, so a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp makes files private; a dataset is meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    with atomic_open(path) as f:
+        np.savez_compressed(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.server
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +63,24 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def kill_after_epochs(argv: list[str], out: Path, epochs: int = 1, env: dict[str, str] | None = None) -> None:
+    """Start `python argv`, SIGKILL it once `epochs` epochs are on disk in `out`, and check it was cut short.
+
+    The default environment is a bare one on 2 threads, as the CPU tests want; CUDA tests pass their own.
+    """
+    env = env or {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "last.pt").exists() and not (out / "summary.json").exists(), "the run was not interrupted"
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_clean_failure, run_script
+from conftest import ROOT, assert_clean_failure, kill_after_epochs, run_script
 from test_fast_path import TOLERANCE, fast, reference, relative_error
 
 import bench
@@ -184,19 +181,6 @@ def test_reproduce_demo(tmp_path):
 # --------------------------------------------------------------------------------------------- resume
 
 
-def _interrupted(args: list[str], out: Path) -> None:
-    """Start a run, SIGKILL it once its first epoch is on disk (the GPU's environment kept, unlike the CPU test)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, *args, "--out_dir", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "last.pt").exists() and not (out / "summary.json").exists(), "the run was not interrupted"
-
-
 def test_killed_run_resumes_within_run_to_run_noise(tiny_npz, tmp_path):
     """Not bit-identical on a GPU (autotuning picks kernels per process): the resumed run may differ from an
     uninterrupted one no more than a second uninterrupted run does (x4), or 1e-2 relative, whichever is larger."""
@@ -204,7 +188,9 @@ def test_killed_run_resumes_within_run_to_run_noise(tiny_npz, tmp_path):
               "--schedule", "2", "--gpu_id", "0", "--batch_size", "16"]  # 16 steps an epoch: time to kill it
     for name in ("whole", "again"):
         assert run_script(*common, "--out_dir", str(tmp_path / name)).returncode == 0
-    _interrupted(common, tmp_path / "cut")
+    # The GPU's environment is kept (unlike the CPU tests' bare one).
+    kill_after_epochs([*common, "--out_dir", str(tmp_path / "cut")], tmp_path / "cut",
+                      env={**os.environ, "PYTHONPATH": str(ROOT)})
     resumed = run_script(*common, "--out_dir", str(tmp_path / "cut"), "--resume")
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
 

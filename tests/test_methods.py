@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, assert_clean_failure, run_script
+from conftest import ROOT, assert_clean_failure, kill_after_epochs, run_script
 from torch import nn
 
 import test_dih
@@ -272,22 +268,6 @@ def test_any_student_serves_as_a_teacher(learnable, tmp_path):
 # ---------------------------------------------------------------------------------- resume
 
 
-def _kill_after(args: list[str], out: Path, epochs_done: int) -> None:
-    """Start a run and SIGKILL it once `epochs_done` epochs are on disk, checking it really was cut short."""
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs_done:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(metrics.read_text().splitlines())
-    assert done >= epochs_done and not (out / "summary.json").exists(), "the run was not interrupted"
-
-
 def _same_run(a: Path, b: Path) -> None:
     for name in ("student.pt", "extras.pt"):
         if (a / name).exists() or (b / name).exists():
@@ -315,7 +295,7 @@ def test_killed_run_resumes_bit_identical(tiny_npz, tiny_teacher, tmp_path, meth
               "--dataset", str(tiny_npz), "--epochs", "2", "--schedule", "1", *FAST, *extra]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_script(*common, "--out_dir", str(whole)).returncode == 0
-    _kill_after([*common, "--out_dir", str(cut)], cut, kill_after)
+    kill_after_epochs([*common, "--out_dir", str(cut)], cut, kill_after)
     resumed = run_script(*common, "--out_dir", str(cut), "--resume")
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
     _same_run(whole, cut)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_clean_failure, run_script
+from conftest import ROOT, assert_clean_failure, kill_after_epochs, run_script
 
 import test_dih
 import train_heads
@@ -129,19 +125,6 @@ def test_default_locations_and_the_seed_example(tiny_npz, tmp_path):
     assert summary["method"] == "dih" and summary["teacher"] == "res110" and summary["temperature"] == 5
 
 
-def _kill_after_first_epoch(args: list[str], out: Path) -> None:
-    """Start a run, SIGKILL it as soon as its first epoch is on disk, and check that it really was cut short."""
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "last.pt").exists() and not (out / "summary.json").exists(), "the run was not interrupted"
-
-
 @pytest.mark.parametrize("script", ["train_teacher.py", "test_dih.py"])
 def test_killed_run_resumes_bit_identical(trained, tiny_npz, tmp_path, script):
     common = [str(ROOT / script), "--dataset", str(tiny_npz), "--epochs", "4", "--schedule", "2", *FAST]
@@ -152,7 +135,7 @@ def test_killed_run_resumes_bit_identical(trained, tiny_npz, tmp_path, script):
         common += ["--model", "res8"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_script(*common[:1], *common[1:], "--out_dir", str(whole)).returncode == 0
-    _kill_after_first_epoch([*common, "--out_dir", str(cut)], cut)
+    kill_after_epochs([*common, "--out_dir", str(cut)], cut)
     resumed = run_script(*common[:1], *common[1:], "--out_dir", str(cut), "--resume")
     assert resumed.returncode == 0, resumed.stderr and "resuming" in resumed.stdout
 
