@@ -310,8 +310,8 @@ def fit(
             # Accumulated on the device: no host synchronisation inside the epoch.
             loss_sum += loss * batch.y.numel()
             correct = None if batch_correct is None else correct + batch_correct
-        train_loss, train_correct = (torch.stack([loss_sum, correct if correct is not None else loss_sum])
-                                     / len(data.y_train)).tolist()
+        sums = [loss_sum] if correct is None else [loss_sum, correct]
+        train_loss, *train_correct = (torch.stack(sums) / len(data.y_train)).tolist()  # the epoch's one host read
         if not math.isfinite(train_loss):
             raise UserError(
                 f"the training loss became {train_loss} in epoch {epoch} (diverged: try a lower --lr); "
@@ -323,7 +323,7 @@ def fit(
             "phase": phase.name,
             "lr": lr,
             "train_loss": train_loss,
-            "train_acc": 100.0 * train_correct if correct is not None else None,
+            "train_acc": 100.0 * train_correct[0] if train_correct else None,
             "test_loss": sum(test[name][0] for name in stage.headline) / len(stage.headline),
             "test_acc": sum(test[name][1] for name in stage.headline) / len(stage.headline),
         }
@@ -332,9 +332,10 @@ def fit(
         row["seconds"] = time.perf_counter() - started
         history.append(row)
         _save_progress(out_dir, stage, index, optimizer, generator, history, args, cfg)
+        train_acc = "-" if row["train_acc"] is None else f"{row['train_acc']:.2f}"
         log(
             f"epoch {epoch:3d}/{total} {phase.name if len(phases) > 1 else ''} lr {lr:.4g}  "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc'] or 0:.2f}  "
+            f"train loss {row['train_loss']:.4f} acc {train_acc}  "
             f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}  {row['seconds']:.1f}s"
         )
 
