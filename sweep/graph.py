@@ -137,6 +137,7 @@ def stage_flags(sweep: Sweep, epochs: int, seed: int) -> list[str]:
         "--batch_size", str(sweep.batch_size), "--lr", str(sweep.lr), "--momentum", str(sweep.momentum),
         "--wd", str(sweep.wd), "--nesterov" if sweep.nesterov else "--no-nesterov",
         "--schedule", *schedule_tokens(sweep.schedule), "--gamma", str(sweep.gamma),
+        *(["--data_url", sweep.data_url] if sweep.data_url else []),
     ]
 
 

@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Without a preset: the paper's settings on CIFAR-100, for the teachers named by --teachers.
 DEFAULTS: dict[str, Any] = {
-    **PAPER, "dataset": "cifar100", "data_dir": "./data", "teachers": [], "teacher_epochs": None,
+    **PAPER, "dataset": "cifar100", "data_dir": "./data", "data_url": None, "teachers": [], "teacher_epochs": None,
     "heads_epochs": None, "alpha": None, "temperature": None, "hint_epochs": None,
 }
 
@@ -53,6 +53,7 @@ class Sweep:
     name: str
     dataset: str
     data_dir: str
+    data_url: str | None  # a mirror of the dataset's archive, passed to every stage run
     teachers: list[str]
     students: list[str]
     methods: list[str]
@@ -114,6 +115,7 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), help="a named grid with its hyper-parameters")
     p.add_argument("--dataset", help="cifar10, cifar100, tinyimagenet, synthetic or a PATH.npz")
     p.add_argument("--data_dir", help="where the dataset is read from or downloaded to (default ./data)")
+    p.add_argument("--data_url", help="a mirror of the dataset's archive, for every stage run (default: the official)")
     p.add_argument("--teachers", nargs="+", help=f"teacher models, of {', '.join(MODEL_NAMES)}")
     p.add_argument("--students", nargs="+", help="student models (default res8)")
     p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")

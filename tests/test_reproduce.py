@@ -16,7 +16,7 @@ from conftest import ROOT, assert_clean_failure, run_script
 
 import reproduce
 from sweep.graph import build_graph, is_finished
-from sweep.grid import METHODS, Sweep, make_sweep
+from sweep.grid import METHODS, Sweep, grid_flags, make_sweep
 from sweep.local import exclusive, execute
 from sweep.report import aggregate, report
 from utils import UserError
@@ -220,6 +220,14 @@ def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_
              for t in teachers for s in seeds]
     assert len(first) + len(second) + len(third) == 9 * 3 + 9 * 3 + (9 * 2 + 1) * 3 == 111
     assert levels == [first, second, third]
+
+
+def test_a_data_mirror_reaches_every_stage_run_and_survives_the_round_trip():
+    argv = ["--preset", "paper-tinyimagenet", "--data_url", "file:///mirror/tiny-imagenet-200.zip"]
+    sweep = sweep_of(argv)
+    nodes = build_graph(sweep)
+    assert all(node.argv[node.argv.index("--data_url") + 1] == sweep.data_url for node in nodes)
+    assert sweep_of(grid_flags(sweep)) == sweep  # the Slurm report job rebuilds the same sweep
 
 
 def test_flags_override_the_preset_and_ce_is_shared_by_every_teacher():
