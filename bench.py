@@ -209,7 +209,7 @@ class PilImages(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
         self.images, self.labels = images, labels
-        crop_flip = [transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip()]
+        crop_flip = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]  # zeros, as ours
         self.transform = transforms.Compose(
             [*(crop_flip if augment else []), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
         )

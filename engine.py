@@ -74,7 +74,7 @@ class Phase:
 
 
 class Stage:
-    """What a stage supplies to `fit`; subclasses override `training_step` and `evaluate` at least.
+    """What a stage supplies to `fit`; subclasses override `training_step` at least.
 
     `model` is what the run delivers (saved as `<kind>.pt`, the file the next stage or any tool loads);
     `extras` are further modules it trains or updates (a method's regressors, embeddings, memory banks,

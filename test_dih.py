@@ -92,14 +92,15 @@ def main(argv: list[str] | None = None) -> dict:
     meta: dict[str, Any] = {"model": args.student, "method": method.name, "teacher": args.teacher,
                             "alpha": 0.0 if method.teacher == "none" else None, "temperature": None, **hyper}
     teacher = heads = None
-    if teacher_ckpt is not None:
+    if assistant is not None:  # TAKD: the assistant teaches (read_assistant checked it descends from the teacher)
+        teacher, ta_identity = cli.build_teacher(assistant, args.ta, data, device, cfg)
+        meta |= {"teacher_fingerprint": teacher_ckpt["fingerprint"], "ta": args.ta,
+                 "ta_fingerprint": ta_identity["fingerprint"]}
+    elif teacher_ckpt is not None:
         teacher, identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
         meta["teacher_fingerprint"] = identity["fingerprint"]
         if heads_ckpt is not None:
             heads = cli.build_heads(heads_ckpt, identity, device)
-        if assistant is not None:
-            teacher, ta_identity = cli.build_teacher(assistant, args.ta, data, device, cfg)
-            meta |= {"ta": args.ta, "ta_fingerprint": ta_identity["fingerprint"]}
     torch.manual_seed(args.seed)
     student = cli.build(args.student, data.num_classes, device, cfg.channels_last, data.image_size)
     setup = Setup(student=student, teacher=teacher, hyper=hyper, data=data, meta=meta, heads=heads,

@@ -101,7 +101,9 @@ def _gather(
     return out
 
 
-def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, pad: int = PAD, pad_mode: str = "reflect") -> Tensor:
+def crop_flip(
+    images: Tensor, offsets: Tensor, flips: Tensor, pad: int = PAD, pad_mode: str = DEFAULT_PAD_MODE
+) -> Tensor:
     """Crop S x S at (dy, dx) = offsets[n] from the padded images[n] (N, 3, S, S), mirrored where flips[n].
 
     Padding is folded into the indices instead of materialising a padded copy. Measured on 2 CPU cores

@@ -76,8 +76,6 @@ class Method:
 class StudentStage(Stage):
     """Stage 3 of any method: delivers the plain student; records the method's identity with it."""
 
-    kind = "student"
-
     def __init__(self, setup: Setup, extras: dict[str, nn.Module] | None = None):
         super().__init__("student", setup.student, extras)
         self.setup, self.hyper = setup, setup.hyper
