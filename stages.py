@@ -21,7 +21,7 @@ class TeacherTraining(Stage):
         super().__init__("teacher", model)
         self.meta = {"model": model_name, **(meta or {})}
 
-    def training_step(self, batch: Batch) -> StepOutput:
+    def training_step(self, batch: Batch, shared: None = None) -> StepOutput:
         logits = self.model(batch.x)
         return F.cross_entropy(logits.float(), batch.y), [logits]
 
@@ -45,7 +45,7 @@ class HeadsTraining(Stage):
         self.teacher_identity = teacher_identity
         self.headline = heads.tap_names
 
-    def training_step(self, batch: Batch) -> StepOutput:
+    def training_step(self, batch: Batch, shared: None = None) -> StepOutput:
         with torch.no_grad():
             taps = self.teacher.forward_features(batch.x).taps
         logits = self.model(taps)

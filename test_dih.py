@@ -3,28 +3,41 @@
     python3 test_dih.py --alpha 0.1 --batch_size 64 --dataset cifar100 --epochs 200 --gpu_id 0 \\
         --lr 0.1 --schedule [60, 120, 180] --temperature 5 --wd 0.0005
     python3 test_dih.py --method crd --student res8 --teacher res110 --dataset cifar100
+    python3 test_dih.py --method kd at crd mhkd dih --student res8 --teacher res110 --kd.alpha 0.5
+
+Several methods train side by side in one process (engine.fit_group): each batch is drawn and augmented once, and
+each teacher runs once per batch for all the students it teaches. Every student still gets the folder, the files
+and, on the CPU, the very numbers that its own run (`--method` with that method alone) would give.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import cli
-from engine import fit
-from methods import HYPERS, METHODS, Method, Setup, run_name
+from engine import Run, fit_group
+from methods import HYPERS, METHODS, Method, Setup, TeacherPass, run_name
 from models import MODEL_NAMES
 from utils import UserError
 
 DEFAULT_TEACHER = "res110"
+INPUTS = ("teacher", "teacher_ckpt", "heads_ckpt", "ta", "ta_ckpt")  # what a method may read from disk
+# Flags that `--METHOD.FLAG` sets for one method of a group: its hyper-parameters, its inputs, its folder.
+PER_METHOD = (*HYPERS, "teacher_ckpt", "heads_ckpt", "ta", "ta_ckpt", "out_dir")
+OWN_FLAGS = (*HYPERS, *INPUTS, "out_dir")
 
 
 def build_parser() -> cli.Parser:
     parser = cli.common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=tuple(METHODS), default="dih",
-                        help="; ".join(f"{name}: {m.transfers}" for name, m in METHODS.items()))
+    parser.add_argument("--method", nargs="+", choices=tuple(METHODS), default=["dih"],
+                        help="; ".join(f"{name}: {m.transfers}" for name, m in METHODS.items())
+                        + ". Several methods train side by side, sharing each batch and each teacher pass")
     parser.add_argument("--student", default="res8", help=f"one of {', '.join(MODEL_NAMES)}")
     parser.add_argument("--teacher", help=f"the trained teacher's architecture (default: {DEFAULT_TEACHER})")
     parser.add_argument("--teacher_ckpt", help="its weights (default: stage 1's default output)")
@@ -42,77 +55,212 @@ def build_parser() -> cli.Parser:
             group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             group.add_argument(f"--{name}", type=hyper.type, default=None, help=text)
+    one = parser.add_argument_group(
+        "one method's value, with several methods: --METHOD.FLAG",
+        "A flag above applies to every named method that takes it; --kd.alpha 0.5 gives KD its own value, "
+        f"--kd.out_dir its own folder (--out_dir names one folder). FLAG: {', '.join(PER_METHOD)}; "
+        "--METHOD.no-FLAG for a switch.")
+    for method in METHODS:
+        for name in PER_METHOD:
+            dest = f"{method}.{name}"
+            if name in HYPERS and HYPERS[name].type is bool:
+                one.add_argument(f"--{dest}", dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
+                                 help=argparse.SUPPRESS)
+                one.add_argument(f"--{method}.no-{name}", dest=dest, action="store_const", const=False,
+                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            else:
+                kind = HYPERS[name].type if name in HYPERS else str
+                one.add_argument(f"--{dest}", dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
-def resolve(args: argparse.Namespace, method: Method) -> dict[str, Any]:
-    """The method's hyper-parameters (given or default), written back into `args` so that they are recorded.
+def accepted(method: Method) -> list[str]:
+    """The flags `method` takes beyond the common ones (and --out_dir): the inputs it reads, its hyper-parameters."""
+    reads = {"teacher": method.teacher != "none", "teacher_ckpt": method.teacher != "none",
+             "heads_ckpt": method.heads, "ta": method.assistant, "ta_ckpt": method.assistant}
+    return [flag for flag, needed in reads.items() if needed] + list(method.defaults)
 
-    A flag that the method does not take is refused rather than silently ignored.
+
+def own_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The --METHOD.FLAG values by method, taken out of `args`; each names a method of --method that takes FLAG."""
+    values: dict[str, dict[str, Any]] = {}
+    for key in [key for key in vars(args) if "." in key]:
+        name, flag = key.split(".", 1)
+        value = vars(args).pop(key)
+        if name not in args.method:
+            raise UserError(f"--{key}: {name} is not among --method {' '.join(args.method)}")
+        if flag != "out_dir" and flag not in accepted(METHODS[name]):
+            takes = ", ".join(f"--{name}.{k}" for k in accepted(METHODS[name]) if k in PER_METHOD)
+            raise UserError(f"--{key} makes no sense: {name} takes {takes or f'only --{name}.out_dir'}")
+        values.setdefault(name, {})[flag] = value
+    return values
+
+
+def resolve(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per named method, as that method's own run would hold it: its hyper-parameters (given or
+    default, checked) and inputs, None for every flag it does not take. Recorded with the run and compared on
+    --resume, so a grouped student and its solo run record the same arguments.
+
+    A flag that no named method takes is refused rather than silently ignored, as is one overridden by
+    --METHOD.FLAG for every method that takes it.
     """
-    takes = set(method.defaults)
-    inputs = {"teacher": method.teacher != "none", "teacher_ckpt": method.teacher != "none",
-              "heads_ckpt": method.heads, "ta": method.assistant, "ta_ckpt": method.assistant}
-    allowed_inputs = [flag for flag, needed in inputs.items() if needed]
-    allowed = takes | set(allowed_inputs)
-    for flag in [*HYPERS, *inputs]:
-        if getattr(args, flag) is not None and flag not in allowed:
-            accepted = ", ".join(f"--{k}" for k in [*allowed_inputs, *method.defaults]) or "none of these flags"
-            raise UserError(f"--{flag} makes no sense with --method {method.name} (it takes {accepted})")
-    hyper = {}
-    for name, default in method.defaults.items():
-        value = default if getattr(args, name) is None else getattr(args, name)
-        if not HYPERS[name].valid(value):
-            raise UserError(f"--{name} must be {HYPERS[name].rule}, got {value}")
-        hyper[name] = value
-        setattr(args, name, value)
-    if method.teacher != "none" and args.teacher is None:
-        args.teacher = DEFAULT_TEACHER
-    return hyper
+    names = args.method
+    twice = [name for name, count in Counter(names).items() if count > 1]
+    if twice:
+        raise UserError(f"--method names {twice[0]} twice")
+    methods = [METHODS[name] for name in names]
+    own = own_values(args)
+    for flag in OWN_FLAGS:
+        if getattr(args, flag) is None:
+            continue
+        takers = [m.name for m in methods if flag == "out_dir" or flag in accepted(m)]
+        if not takers:
+            if len(methods) == 1:
+                takes = ", ".join(f"--{k}" for k in accepted(methods[0])) or "none of these flags"
+                raise UserError(f"--{flag} makes no sense with --method {names[0]} (it takes {takes})")
+            raise UserError(f"--{flag} makes no sense with --method {' '.join(names)}: none of them takes it")
+        if all(flag in own.get(name, {}) for name in takers):
+            raise UserError(f"--{flag} applies to no method: {', '.join(f'--{n}.{flag}' for n in takers)} "
+                            "override it")
+    if args.out_dir is not None and len(names) > 1:
+        raise UserError(f"--out_dir names one folder for {len(names)} students: give each its own with "
+                        f"--METHOD.out_dir (e.g. --{names[0]}.out_dir), or leave it out for the default folders")
+    runs = []
+    for method in methods:
+        run = argparse.Namespace(**vars(args))
+        run.method = method.name
+        given = own.get(method.name, {})
+        for flag in OWN_FLAGS:
+            takes = flag == "out_dir" or flag in accepted(method)
+            setattr(run, flag, given.get(flag, getattr(args, flag)) if takes else None)
+        for name, default in method.defaults.items():
+            value = default if getattr(run, name) is None else getattr(run, name)
+            if not HYPERS[name].valid(value):
+                spelled = f"{method.name}.{name}" if name in given else name
+                raise UserError(f"--{spelled} must be {HYPERS[name].rule}, got {value}")
+            setattr(run, name, value)
+        if method.teacher != "none" and run.teacher is None:
+            run.teacher = DEFAULT_TEACHER
+        runs.append(run)
+    return runs
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args, device, cfg = cli.parse(build_parser(), argv)
-    method = METHODS[args.method]
-    hyper = resolve(args, method)
-    # Every checkpoint this run needs is found and read before the dataset is loaded (or downloaded).
+@dataclass
+class Student:
+    """One student of the command: its method, its own arguments, its folder, the checkpoints it reads."""
+
+    method: Method
+    args: argparse.Namespace
+    hyper: dict[str, Any]
+    out_dir: Path
+    teacher_ckpt: dict[str, Any] | None
+    heads_ckpt: dict[str, Any] | None
+    assistant: dict[str, Any] | None  # TAKD: the assistant's checkpoint, which teaches it
+
+    @property
+    def teaching(self) -> dict[str, Any] | None:
+        """The checkpoint of the network that teaches it; students taught by the same file share its pass."""
+        return self.assistant or self.teacher_ckpt
+
+
+def read_inputs(run: argparse.Namespace) -> Student:
+    """A student's checkpoints, found and read (before any data is loaded), and its folder."""
+    method = METHODS[run.method]
+    hyper = {name: getattr(run, name) for name in method.defaults}
     teacher_ckpt = heads_ckpt = assistant = None
     if method.teacher != "none":
-        teacher_ckpt = cli.read_teacher(args, args.teacher, None if method.teacher == "plain" else method.teacher)
+        teacher_ckpt = cli.read_teacher(run, run.teacher, None if method.teacher == "plain" else method.teacher)
     if method.heads:
-        heads_ckpt = cli.read_heads(args)
+        heads_ckpt = cli.read_heads(run)
     if method.assistant:
         from methods.takd import read_assistant
 
-        assistant = read_assistant(args, teacher_ckpt)
-        args.ta = assistant["model"]
-    out_dir = cli.run_dir(args, run_name(args.student, method.name, args.teacher, hyper, args.ta))
+        assistant = read_assistant(run, teacher_ckpt)
+        run.ta = assistant["model"]
+    out_dir = cli.run_dir(run, run_name(run.student, method.name, run.teacher, hyper, run.ta))
+    return Student(method, run, hyper, out_dir, teacher_ckpt, heads_ckpt, assistant)
 
-    data = cli.load_data(args, device)
-    meta: dict[str, Any] = {"model": args.student, "method": method.name, "teacher": args.teacher,
-                            "alpha": 0.0 if method.teacher == "none" else None, "temperature": None, **hyper}
-    teacher = heads = None
-    if assistant is not None:  # TAKD: the assistant teaches (read_assistant checked it descends from the teacher)
-        teacher, ta_identity = cli.build_teacher(assistant, args.ta, data, device, cfg)
-        meta |= {"teacher_fingerprint": teacher_ckpt["fingerprint"], "ta": args.ta,
-                 "ta_fingerprint": ta_identity["fingerprint"]}
-    elif teacher_ckpt is not None:
-        teacher, identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
-        meta["teacher_fingerprint"] = identity["fingerprint"]
-        if heads_ckpt is not None:
-            heads = cli.build_heads(heads_ckpt, identity, device)
-    torch.manual_seed(args.seed)
-    student = cli.build(args.student, data.num_classes, device, cfg.channels_last, data.image_size)
-    setup = Setup(student=student, teacher=teacher, hyper=hyper, data=data, meta=meta, heads=heads,
-                  teacher_ckpt=teacher_ckpt)
+
+def groups_of(students: list[Student]) -> list[list[Student]]:
+    """The students by the checkpoint that teaches them (one group per file, in order); each without a teacher
+    (CE) alone."""
+    groups: dict[Any, list[Student]] = {}
+    for i, student in enumerate(students):
+        teaching = student.teaching
+        key = ("none", i) if teaching is None else Path(teaching["path"]).resolve()
+        groups.setdefault(key, []).append(student)
+    return list(groups.values())
+
+
+def describe(group: list[Student]) -> str:
+    names = " ".join(student.method.name for student in group)
+    first = group[0]
+    if first.teaching is None:
+        return f"{names}: no teacher"
+    role = f"assistant {first.args.ta}" if first.assistant else f"teacher {first.args.teacher}"
+    return f"{names} <- {role} ({first.teaching['path']})"
+
+
+def teacher_pass(group: list[Student], data, device: torch.device, cfg) -> TeacherPass | None:
+    """The frozen network that teaches the group, with DIH's heads where a member reads them: built once."""
+    first = group[0]
+    if first.teaching is None:
+        return None
+    name = first.args.ta if first.assistant else first.args.teacher
+    teacher, identity = cli.build_teacher(first.teaching, name, data, device, cfg)
+    heads = next((cli.build_heads(s.heads_ckpt, identity, device) for s in group if s.heads_ckpt is not None), None)
+    return TeacherPass(teacher, heads)
+
+
+def build_run(student: Student, shared: TeacherPass | None, data, device: torch.device, cfg, name: str) -> Run:
+    """The student's stage on the group's teacher pass, its weights drawn from --seed exactly as alone."""
+    run, method = student.args, student.method
+    meta: dict[str, Any] = {"model": run.student, "method": method.name, "teacher": run.teacher,
+                            "alpha": 0.0 if method.teacher == "none" else None, "temperature": None, **student.hyper}
+    if student.assistant is not None:  # TAKD: the assistant teaches (read_assistant checked its descent)
+        meta |= {"teacher_fingerprint": student.teacher_ckpt["fingerprint"], "ta": run.ta,
+                 "ta_fingerprint": student.assistant["fingerprint"]}
+    elif student.teacher_ckpt is not None:
+        meta["teacher_fingerprint"] = student.teacher_ckpt["fingerprint"]
+    torch.manual_seed(run.seed)
+    model = cli.build(run.student, data.num_classes, device, cfg.channels_last, data.image_size)
+    setup = Setup(student=model, teacher=shared.teacher if shared else None, hyper=student.hyper, data=data, meta=meta,
+                  heads=shared.heads if shared else None, teacher_ckpt=student.teacher_ckpt, teacher_pass=shared)
     stage = method.build(setup)
     stage.extras.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    print(f"stage 3: {args.student} by {method.name}" + (f" from {args.teacher}" if args.teacher else "")
-          + f" on {device} -> {out_dir}")
-    summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
-    print(f"{method.name} student {args.student}: final test accuracy {summary['final_test_acc']:.2f}% "
-          f"(best epoch {summary['best_epoch']}: {summary['best_test_acc']:.2f}%)")
-    return summary
+    print(f"stage 3: {run.student} by {method.name}" + (f" from {run.teacher}" if run.teacher else "")
+          + f" on {device} -> {student.out_dir}")
+    return Run(stage, cfg, device, student.out_dir, cli.stored_args(run), name)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train the students of --method; return the summary (with several methods: the summaries by method)."""
+    args, device, cfg = cli.parse(build_parser(), argv)
+    # Every checkpoint this run needs is found and read before the dataset is loaded (or downloaded).
+    students = [read_inputs(run) for run in resolve(args)]
+    folders = Counter(student.out_dir.resolve() for student in students)
+    if max(folders.values()) > 1:
+        raise UserError(f"two students would write into {next(f for f, n in folders.items() if n > 1)}: give each "
+                        "its own --METHOD.out_dir")
+    groups = groups_of(students)
+    if len(students) > 1:
+        print(f"{len(students)} students in {len(groups)} group(s); each batch is drawn once for all, each teacher "
+              "runs once per batch for its group:\n" + "\n".join(f"  {describe(group)}" for group in groups))
+    data = cli.load_data(args, device)
+    name = (lambda student: student.method.name) if len(students) > 1 else (lambda student: "")
+    runs, order = [], []
+    for group in groups:
+        shared = teacher_pass(group, data, device, cfg)
+        for student in group:
+            runs.append(build_run(student, shared, data, device, cfg, name(student)))
+            order.append(student)
+    summaries = dict(zip((s.method.name for s in order), fit_group(runs, data, resume=args.resume), strict=True))
+    for student in students:
+        summary = summaries[student.method.name]
+        print(f"{student.method.name} student {student.args.student}: final test accuracy "
+              f"{summary['final_test_acc']:.2f}% (best epoch {summary['best_epoch']}: {summary['best_test_acc']:.2f}%)")
+    return summaries[students[0].method.name] if len(students) == 1 else {s.method.name: summaries[s.method.name]
+                                                                         for s in students}
 
 
 if __name__ == "__main__":

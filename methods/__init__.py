@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 from . import at, ce, crd, dih, fitnets, kd, mhkd, takd, tofd
-from .base import HYPERS, Hyper, Method, Setup, StudentStage
+from .base import HYPERS, Hyper, Method, Setup, StudentStage, TeacherOutputs, TeacherPass
 
-__all__ = ["HYPERS", "METHODS", "Hyper", "Method", "Setup", "StudentStage", "run_name"]
+__all__ = ["HYPERS", "METHODS", "Hyper", "Method", "Setup", "StudentStage", "TeacherOutputs", "TeacherPass",
+           "run_name"]
 
 # In the order of the paper's comparison table.
 METHODS: dict[str, Method] = {

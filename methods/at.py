@@ -17,7 +17,7 @@ from data import Batch
 from engine import StepOutput
 from losses import soft_kl
 
-from .base import Method, StudentStage
+from .base import FEATURES, Method, StudentStage, TeacherOutputs
 
 
 def attention_map(feature: Tensor) -> Tensor:
@@ -42,8 +42,9 @@ def at_loss(student_taps: Sequence[Tensor], teacher_taps: Sequence[Tensor]) -> T
 
 
 class AttentionTransfer(StudentStage):
-    def training_step(self, batch: Batch) -> StepOutput:
-        teacher = self.teacher_features(batch.x)
+    needs = frozenset({FEATURES})
+
+    def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
         student = self.model.forward_features(batch.x)
         h = self.hyper
         loss = F.cross_entropy(student.logits.float(), batch.y) + h["beta"] * at_loss(student.taps, teacher.taps)

@@ -1,22 +1,67 @@
-"""What every student method shares: its description, its hyper-parameters, and the stage it builds.
+"""What every student method shares: its description, its hyper-parameters, the stage it builds, and the
+teacher's pass that all students of one teacher share.
 
 A method is a `Method` record (name, one line on what it transfers, its hyper-parameters with their
 defaults, what it needs from disk) plus a `build` function that turns a `Setup` (student, frozen teacher,
 resolved hyper-parameters) into an `engine.Stage`. The engine never learns which method it runs.
+
+A student's step does not run its teacher: it receives the teacher's outputs on the batch (`TeacherOutputs`),
+computed once per batch by the `TeacherPass` that every student of that teacher shares, and declares what it
+reads of them (its `needs`), so that a pass serves a group of KD students without computing DIH's heads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from data import DeviceDataset
-from engine import Stage
-from models import Features, TapModel
+from data import Batch, DeviceDataset
+from engine import Needs, SharedPass, Stage
+from models import TapModel
+
+# What a student's phase may read of the teacher's pass. A full pass gives the logits, its taps and pooled feature
+# with them at no extra cost (`TapModel.forward` is `forward_features`); "heads" adds DIH's stage-2 heads on the
+# taps; "first_tap" alone runs only the stem and first stage (FitNets' hint phase).
+LOGITS, FEATURES, HEADS, FIRST_TAP = "logits", "features", "heads", "first_tap"
+
+
+class TeacherOutputs(NamedTuple):
+    """What the frozen teacher computed on a batch; None where the reading phase did not ask for it."""
+
+    logits: Tensor | None
+    taps: list[Tensor] | None  # FitNets' hint phase: the first tap only
+    pooled: Tensor | None
+    heads: list[Tensor] | None  # logits of DIH's stage-2 heads, in tap order
+
+
+class TeacherPass(SharedPass):
+    """The frozen teacher's forward on a batch, once for every student of a group, under `no_grad` rather than
+    inference mode, since trainable modules (CRD's embedding, MHKD's teacher heads) take its outputs as input.
+
+    Students must not modify its outputs in place: the other students of the group read the same tensors.
+    """
+
+    def __init__(self, teacher: TapModel, heads: nn.Module | None = None):
+        self.teacher, self.heads = teacher, heads
+
+    def __call__(self, batch: Batch, needs: Needs) -> TeacherOutputs:
+        with torch.no_grad():
+            if needs == {FIRST_TAP}:
+                return TeacherOutputs(None, [self.teacher.forward_to_tap(batch.x, 0)], None, None)
+            logits, taps, pooled = self.teacher.forward_features(batch.x)
+            heads = self.heads(taps) if HEADS in needs else None
+            return self.select(TeacherOutputs(logits, taps, pooled, heads), needs)
+
+    def select(self, outputs: TeacherOutputs, needs: Needs) -> TeacherOutputs:
+        """Only what `needs` asks for, the same whether computed for it alone or for a group."""
+        features, full_pass = FEATURES in needs, bool(needs - {FIRST_TAP})
+        taps = outputs.taps if features else outputs.taps[:1] if FIRST_TAP in needs else None
+        return TeacherOutputs(outputs.logits if full_pass else None, taps, outputs.pooled if features else None,
+                              outputs.heads if HEADS in needs else None)
 
 
 @dataclass(frozen=True)
@@ -58,6 +103,7 @@ class Setup:
     meta: dict[str, Any]  # what the student checkpoint and summary.json record about the run
     heads: nn.Module | None = None  # DIH's stage-2 heads, frozen
     teacher_ckpt: dict[str, Any] | None = None  # the teacher's checkpoint as read (its "path" included)
+    teacher_pass: TeacherPass | None = None  # shared by the students of a group; else made from teacher and heads
 
 
 @dataclass(frozen=True)
@@ -74,18 +120,17 @@ class Method:
 
 
 class StudentStage(Stage):
-    """Stage 3 of any method: delivers the plain student; records the method's identity with it."""
+    """Stage 3 of any method: delivers the plain student; records the method's identity with it.
+
+    `needs` (class attribute) is what its step reads of the teacher's pass (LOGITS, FEATURES, HEADS, FIRST_TAP).
+    """
 
     def __init__(self, setup: Setup, extras: dict[str, nn.Module] | None = None):
         super().__init__("student", setup.student, extras)
         self.setup, self.hyper = setup, setup.hyper
         self.teacher = setup.teacher
-
-    def teacher_features(self, x: Tensor) -> Features:
-        """The frozen teacher's outputs; `no_grad` rather than inference mode, since trainable modules
-        (CRD's embedding, MHKD's teacher heads) take them as input."""
-        with torch.no_grad():
-            return self.teacher.forward_features(x)
+        if setup.teacher is not None:
+            self.shared_pass = setup.teacher_pass or TeacherPass(setup.teacher, setup.heads)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return self.setup.meta

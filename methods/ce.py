@@ -11,7 +11,7 @@ from .base import Method, StudentStage
 
 
 class CrossEntropy(StudentStage):
-    def training_step(self, batch: Batch) -> StepOutput:
+    def training_step(self, batch: Batch, teacher: None = None) -> StepOutput:
         logits = self.model(batch.x)
         return F.cross_entropy(logits.float(), batch.y), [logits]
 

@@ -23,7 +23,7 @@ from data import Batch
 from engine import StepOutput
 from losses import soft_kl
 
-from .base import Method, Setup, StudentStage
+from .base import FEATURES, Method, Setup, StudentStage, TeacherOutputs
 
 EPS = 1e-7  # RepDistiller's ContrastLoss
 
@@ -113,6 +113,8 @@ def contrast_loss(x: Tensor, n_data: int) -> Tensor:
 
 
 class ContrastiveDistillation(StudentStage):
+    needs = frozenset({FEATURES})
+
     def __init__(self, setup: Setup):
         h, data = setup.hyper, setup.data
         n = len(data.y_train)
@@ -124,8 +126,7 @@ class ContrastiveDistillation(StudentStage):
         }
         super().__init__(setup, extras)
 
-    def training_step(self, batch: Batch) -> StepOutput:
-        teacher = self.teacher_features(batch.x)
+    def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
         student = self.model.forward_features(batch.x)
         e, h = self.extras, self.hyper
         contrast = torch.cat([batch.index[:, None], e["sampler"](batch.y)], dim=1)

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from data import Batch
 from engine import StepOutput
 from losses import dih_loss
 
-from .base import Method, Setup, StudentStage
+from .base import HEADS, Method, StudentStage, TeacherOutputs
 
 
 class CohortDistillation(StudentStage):
     """L = Σ_j [(1−α)·CE(s, y) + α·τ²·KL(softmax(h_j/τ) ‖ softmax(s/τ))] over the cohort h_0..h_k.
 
-    The cohort runs once per batch under inference mode: one teacher pass yields the final logits and
-    every tapped feature the heads need.
+    The cohort comes from the teacher's pass (once per batch, shared with the other students of a group): its
+    final logits, and the heads' logits on the taps of that same pass.
     """
 
-    def __init__(self, setup: Setup):
-        super().__init__(setup)
-        self.heads = setup.heads
+    needs = frozenset({HEADS})
 
-    def cohort(self, x: Tensor) -> list[Tensor]:
-        """Logits of every cohort member, the teacher's final classifier first."""
-        with torch.inference_mode():
-            final, taps, _ = self.teacher.forward_features(x)
-            return [final, *self.heads(taps)]
-
-    def training_step(self, batch: Batch) -> StepOutput:
-        cohort = self.cohort(batch.x)
+    def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
+        cohort = [teacher.logits, *teacher.heads]
         logits = self.model(batch.x)
         h = self.hyper
         return dih_loss(logits, cohort, batch.y, h["alpha"], h["temperature"], h["cohort_reduction"]), [logits]

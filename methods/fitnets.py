@@ -10,7 +10,6 @@ g is the identity where the two tap-1 shapes match (every CIFAR-ResNet pair), el
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,7 +17,7 @@ from data import Batch
 from engine import Phase, StepOutput, trainable_parameters
 from utils import UserError
 
-from .base import Method, Setup
+from .base import FIRST_TAP, Method, Setup, TeacherOutputs
 from .kd import KnowledgeDistillation
 
 
@@ -66,14 +65,13 @@ class FitNets(KnowledgeDistillation):
 
     def phases(self, epochs: int) -> list[Phase]:
         hint_params = trainable_parameters(self.model.layers_to_tap(0), self.regressor)
-        return [Phase("hint", self.hyper["hint_epochs"], hint_params, self.hint_step, constant_lr=True),
-                Phase("kd", epochs, trainable_parameters(self.model), self.training_step)]
+        return [Phase("hint", self.hyper["hint_epochs"], hint_params, self.hint_step, constant_lr=True,
+                      needs=frozenset({FIRST_TAP})),
+                Phase("kd", epochs, trainable_parameters(self.model), self.training_step, needs=self.needs)]
 
-    def hint_step(self, batch: Batch) -> StepOutput:
-        with torch.no_grad():
-            target = self.teacher.forward_to_tap(batch.x, 0)
+    def hint_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
         hint = self.regressor(self.model.forward_to_tap(batch.x, 0))
-        return F.mse_loss(hint.float(), target.float()), []
+        return F.mse_loss(hint.float(), teacher.taps[0].float()), []
 
 
 # ⚑ The regressor's form for unequal shapes is RepDistiller's; FitNets' paper and the DIH code only use equal ones.

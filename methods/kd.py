@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from data import Batch
 from engine import StepOutput
 from losses import kd_loss
 
-from .base import Method, Setup, StudentStage
+from .base import LOGITS, Method, Setup, StudentStage, TeacherOutputs
 
 
 class KnowledgeDistillation(StudentStage):
     """Canonical KD from a frozen teacher; TAKD's two legs and FitNets' second phase are this too."""
 
-    def teacher_logits(self, x: Tensor) -> Tensor:
-        with torch.inference_mode():  # nothing trainable consumes these: the fastest mode is safe
-            return self.teacher(x)
+    needs = frozenset({LOGITS})
 
-    def training_step(self, batch: Batch) -> StepOutput:
-        target = self.teacher_logits(batch.x)
+    def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
         logits = self.model(batch.x)
-        return kd_loss(logits, target, batch.y, self.hyper["alpha"], self.hyper["temperature"]), [logits]
+        return kd_loss(logits, teacher.logits, batch.y, self.hyper["alpha"], self.hyper["temperature"]), [logits]
 
 
 def build(setup: Setup) -> KnowledgeDistillation:

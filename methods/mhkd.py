@@ -23,7 +23,7 @@ from engine import StepOutput
 from heads import mhkd_heads_for
 from losses import kd_loss
 
-from .base import Method, Setup, StudentStage
+from .base import FEATURES, Method, Setup, StudentStage, TeacherOutputs
 
 
 def mhkd_loss(
@@ -53,6 +53,8 @@ def mhkd_loss(
 class MultiHeadDistillation(StudentStage):
     """The MHKD student; its heads and the teacher's (trainable, on the frozen teacher's taps) are its extras."""
 
+    needs = frozenset({FEATURES})
+
     def __init__(self, setup: Setup):
         classes, size = setup.data.num_classes, setup.data.image_size
         self.student_heads = mhkd_heads_for(setup.student, classes, size)
@@ -60,8 +62,7 @@ class MultiHeadDistillation(StudentStage):
         super().__init__(setup, {"student_heads": self.student_heads, "teacher_heads": self.teacher_heads})
         self.teacher.eval().requires_grad_(False)  # only its heads learn: the backbone and BN statistics stay
 
-    def training_step(self, batch: Batch) -> StepOutput:
-        teacher = self.teacher_features(batch.x)
+    def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
         student = self.model.forward_features(batch.x)
         h = self.hyper
         loss = mhkd_loss(student.logits, teacher.logits, self.student_heads(student.taps),

@@ -28,7 +28,7 @@ from engine import Stage, StepOutput
 from heads import AuxiliaryClassifiers, tofd_aux_for
 from models import Features, TapModel
 
-from .base import Method, Setup, StudentStage
+from .base import FEATURES, Method, Setup, StudentStage, TeacherOutputs
 
 VARIANT = "tofd"  # the teacher checkpoint's `variant`, and its folder's suffix
 
@@ -88,7 +88,7 @@ class TOFDTeacher(Stage):
         self.aux = aux
         self.meta = {"model": model_name, "variant": VARIANT}
 
-    def training_step(self, batch: Batch) -> StepOutput:
+    def training_step(self, batch: Batch, shared: None = None) -> StepOutput:
         logits, _ = classifier_outputs(self.model.forward_features(batch.x), self.aux)
         # Train accuracy: of the main classifier, like the test accuracy that heads the run.
         return sum(F.cross_entropy(z.float(), batch.y) for z in logits), [logits[-1]]
@@ -111,8 +111,11 @@ class TaskOrientedDistillation(StudentStage):
 
     The student gets auxiliary classifiers only where the teacher has a partner (a 3-tap student of a 4-tap
     teacher pairs aux_1, aux_2 and the mains; the teacher's aux_3 is not used). The teacher and its auxiliary
-    classifiers run frozen, in eval mode, under inference mode.
+    classifiers run frozen, in eval mode: the teacher in its shared pass, its auxiliary classifiers in the step on
+    that pass's taps, under inference mode.
     """
+
+    needs = frozenset({FEATURES})
 
     def __init__(self, setup: Setup):
         teacher, data = setup.teacher, setup.data
@@ -134,15 +137,14 @@ class TaskOrientedDistillation(StudentStage):
     def start_epoch(self, epoch: int) -> None:
         self.temperature.fill_(tofd_temperature(epoch))
 
-    def teacher_outputs(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def teacher_classifiers(self, teacher: TeacherOutputs) -> tuple[list[Tensor], list[Tensor]]:
         """The teacher's (logits, pooled features) of the paired classifiers, by stage."""
         with torch.inference_mode():  # nothing trainable consumes these
-            features = self.teacher.forward_features(x)
-            logits, pooled = self.teacher_aux(features.taps[: len(self.aux.classifiers)])
-            return [*logits, features.logits], [*pooled, features.pooled]
+            logits, pooled = self.teacher_aux(teacher.taps[: len(self.aux.classifiers)])
+        return [*logits, teacher.logits], [*pooled, teacher.pooled]
 
-    def training_step(self, batch: Batch) -> StepOutput:
-        teacher_logits, teacher_features = self.teacher_outputs(batch.x)
+    def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
+        teacher_logits, teacher_features = self.teacher_classifiers(teacher)
         logits, features = classifier_outputs(self.model.forward_features(batch.x), self.aux)
         h = self.hyper
         loss = tofd_loss(logits, teacher_logits, features, teacher_features, [link.weight for link in self.links],
