@@ -49,9 +49,9 @@ from torchvision import transforms
 
 import cli
 from data import CIFAR_SOURCES, Batch, DeviceDataset, from_arrays, test_batches, train_batches
-from engine import WARMUP_STEPS, Stage, TrainConfig, make_optimizer, make_train_step, trainable_parameters
+from engine import WARMUP_STEPS, GroupStep, Run, Stage, TrainConfig
 from heads import IntermediateHeads, heads_for, tofd_aux_for
-from methods import METHODS, Setup
+from methods import METHODS, Setup, TeacherOutputs, TeacherPass
 from methods.dih import CohortDistillation
 from methods.takd import default_assistant
 from models import MODEL_NAMES, TapModel, build_model
@@ -152,18 +152,18 @@ def device_name(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------- the fast path
 
 
-class CohortTwice(CohortDistillation):
-    """Ablation only: the cohort as the original code evaluated it, under no_grad and every head twice.
+class HeadsTwice(TeacherPass):
+    """Ablation only: the cohort as the original code evaluated it, every head twice.
 
     (Under torch.compile the unused first evaluation is optimised away.)
     """
 
-    def cohort(self, x: Tensor) -> list[Tensor]:
+    def __call__(self, batch: Batch, needs: frozenset[str]) -> TeacherOutputs:
         with torch.no_grad():
-            final, features, _ = self.teacher.forward_features(x)
+            final, features, _ = self.teacher.forward_features(batch.x)
             for _ in range(2):  # the original computed every head's logits twice per step (SPEC section 2)
                 head_logits = self.heads(features)
-            return [final, *head_logits]
+            return TeacherOutputs(final, None, None, head_logits)
 
 
 def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device, cohort_twice: bool = False) -> Stage:
@@ -175,23 +175,25 @@ def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device
     if kind == "heads":
         return HeadsTraining(teacher, heads, {"model": models.teacher_name})
     student = place(models.student, device, cfg.channels_last)
-    distillation = CohortTwice if cohort_twice else CohortDistillation
+    teacher.eval().requires_grad_(False)
     hyper = {"alpha": ALPHA, "temperature": TEMPERATURE, "cohort_reduction": "sum"}
-    return distillation(Setup(student, teacher.eval().requires_grad_(False), hyper, data=None, meta={}, heads=heads))
+    twice = HeadsTwice(teacher, heads) if cohort_twice else None
+    return CohortDistillation(Setup(student, teacher, hyper, data=None, meta={}, heads=heads, teacher_pass=twice))
 
 
 def fast_step(stage: Stage, cfg: TrainConfig, sync_each_step: bool = False) -> Step:
-    """What `engine.fit` does per batch: the engine's train step, metrics accumulated on the device."""
+    """What `engine.fit_group` does per batch for a run alone: its shared pass (a student's teacher) and its own
+    train step, metrics accumulated on the device."""
     if cfg.compile:  # every measurement compiles afresh: dynamo's per-function cache would otherwise fill up
         torch._dynamo.reset()  # after 8 models and silently fall back to eager
-    train_step = make_train_step(stage.training_step, make_optimizer(trainable_parameters(stage.trainable), cfg), cfg)
-    stage.trainable.train()
     device = next(stage.trainable.parameters()).device
+    run, group_step = Run(stage, cfg, device), GroupStep(cfg)
+    run.start_epoch(1)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
 
     def step(x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
         nonlocal loss_sum, correct
-        loss, batch_correct = train_step(Batch(x, y, index))
+        ((loss, batch_correct),) = group_step([run], Batch(x, y, index))
         loss_sum += loss * y.numel()
         correct += batch_correct
         if sync_each_step:  # ablation: what a per-step loss.item() costs
@@ -405,7 +407,7 @@ class Workload:
         x = torch.empty(cfg.batch_size, 3, 32, 32, device=meta)
         y = torch.zeros(cfg.batch_size, dtype=torch.int64, device=meta)
         with FlopCounterMode(display=False) as counter:
-            stage.training_step(Batch(x, y, None))[0].backward()
+            stage.training_loss(Batch(x, y, None))[0].backward()
         return counter.get_total_flops() / 1e9
 
 
@@ -465,60 +467,132 @@ def compare(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
     return results
 
 
-def method_stage(method: str, work: Workload, data: DeviceDataset, cfg: TrainConfig) -> Stage:
-    """A student stage of `method` on copies of the workload's models, each method with its defaults.
+def method_stage(method: str, work: Workload, data: DeviceDataset, cfg: TrainConfig,
+                 shared: TeacherPass | None = None) -> Stage:
+    """A student stage of `method` on copies of the workload's models, each method with its defaults, its extras
+    drawn from seed 0 (so that two builds are the same numbers).
 
     TAKD's step is KD from its assistant (res20, BASELINES.md); TOFD's teacher gets random auxiliary
     classifiers (what it trains in its own run). `data` is shaped like CIFAR's training set, since CRD's
-    memory banks and negatives scale with it.
+    memory banks and negatives scale with it. With `shared`, the stage reads that teacher pass (a group's)
+    instead of its own.
     """
     spec = METHODS[method]
     device, channels_last = work.device, cfg.channels_last
-    teacher_name = default_assistant(work.models.teacher_name) if spec.assistant else work.models.teacher_name
-    teacher = work.models.teacher if teacher_name == work.models.teacher_name else make_models(
-        teacher_name, "res8", data.num_classes).teacher
-    teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
+    if shared is not None:
+        teacher, heads = shared.teacher, shared.heads if spec.heads else None
+    else:
+        teacher_name = default_assistant(work.models.teacher_name) if spec.assistant else work.models.teacher_name
+        teacher = work.models.teacher if teacher_name == work.models.teacher_name else make_models(
+            teacher_name, "res8", data.num_classes).teacher
+        teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
+        heads = place(work.models.heads, device, channels_last).eval().requires_grad_(False) if spec.heads else None
     teacher_ckpt = None
     if spec.teacher == "tofd":
         aux = tofd_aux_for(teacher, data.num_classes, data.image_size)
         teacher_ckpt = {"extras": {"state_dict": nn.ModuleDict({"aux": aux}).state_dict()}}
-    heads = place(work.models.heads, device, channels_last).eval().requires_grad_(False) if spec.heads else None
+    torch.manual_seed(0)
     setup = Setup(place(work.models.student, device, channels_last), teacher, dict(spec.defaults), data, meta={},
-                  heads=heads, teacher_ckpt=teacher_ckpt)
+                  heads=heads, teacher_ckpt=teacher_ckpt, teacher_pass=shared)
     stage = spec.build(setup)
     stage.extras.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     return stage
 
 
-def method_costs(work: Workload, names: list[str]) -> list[dict[str, Any]]:
-    """Each student method's training step (the engine's step on its stage), interleaved, against KD's."""
+def cifar_sized(work: Workload) -> DeviceDataset:
+    """The workload's data as methods see it, with the length of CIFAR's training set (CRD's memory banks)."""
     n = EPOCH_IMAGES
-    data = dataclasses.replace(work.data, y_train=torch.arange(n, device=work.device) % work.data.num_classes,
+    return dataclasses.replace(work.data, y_train=torch.arange(n, device=work.device) % work.data.num_classes,
                                x_train=torch.empty((n, *work.data.x_train.shape[1:]), dtype=torch.uint8,
                                                    device=work.device))
+
+
+def in_last_phase(stage: Stage, cfg: TrainConfig, device: torch.device) -> Run:
+    """A run of `stage` at the first epoch of its last phase (FitNets: KD; its hint phase trains a fraction of the
+    student), as the engine trains it."""
+    run = Run(stage, cfg, device)
+    run.start_epoch(run.total - run.phases[-1].epochs + 1)
+    return run
+
+
+def runs_step(runs: list[Run], work: Workload) -> Timed:
+    """One engine step of `runs` together per batch (`engine.GroupStep`), and their batches."""
+    group_step = GroupStep(work.cfg)
+
+    def step(x: Tensor, y: Tensor, index: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        return group_step(runs, Batch(x, y, index))
+
+    generator = torch.Generator(device=work.device).manual_seed(0)
+
+    def batches() -> Iterator[Batch]:  # epoch after epoch: a group's loss check takes batches beyond the plan's
+        while True:
+            yield from train_batches(work.data, work.cfg.batch_size, generator, work.cfg.channels_last)
+
+    return step, batches()
+
+
+def method_costs(work: Workload, names: list[str]) -> list[dict[str, Any]]:
+    """Each student method's training step (the engine's step on its stage), interleaved, against KD's."""
+    data = cifar_sized(work)
     no_assistant = METHODS["takd"].assistant and default_assistant(work.models.teacher_name) is None
     names = ["kd", *(m for m in names if m != "kd" and not (m == "takd" and no_assistant))]
-    variants: list[Timed] = []
-    for name in names:
-        stage = method_stage(name, work, data, work.cfg)
-        phase = stage.phases(1)[-1]  # FitNets: its KD phase (the hint phase trains a fraction of the student)
-        train_step = make_train_step(phase.loss, make_optimizer(phase.parameters, work.cfg), work.cfg)
-        stage.trainable.train()
-        stage.start_epoch(1)
-
-        def step(x: Tensor, y: Tensor, index: Tensor, train_step=train_step) -> Tensor:
-            return train_step(Batch(x, y, index))[0]
-
-        generator = torch.Generator(device=work.device).manual_seed(0)
-        variants.append((step, train_batches(work.data, work.cfg.batch_size, generator, work.cfg.channels_last)))
+    variants = [runs_step([in_last_phase(method_stage(name, work, data, work.cfg), work.cfg, work.device)], work)
+                for name in names]
     seconds = seconds_per_step(variants, work.plan, work.device)
     results = [{"method": name, "ms_per_step": round(1e3 * t, 1), "vs_kd": round(t / seconds[0], 2)}
                for name, t in zip(names, seconds, strict=True)]
     print_table(f"student methods, {work.models.teacher_name} -> res8 ({describe(work.cfg)}), per training step "
-                f"(each method's defaults; CRD's banks sized for {n} images; TAKD: KD from its assistant)",
+                f"(each method's defaults; CRD's banks sized for {len(data.y_train)} images; TAKD: KD from its "
+                "assistant)",
                 ["method", "ms/step", "vs KD"],
                 [[r["method"], r["ms_per_step"], f"{r['vs_kd']:.2f}x"] for r in results])
     return results
+
+
+CHECK_STEPS = 2  # steps on which a grouped student's loss must equal its solo run's, before the timing
+
+
+def group_costs(work: Workload, names: list[str]) -> dict[str, Any]:
+    """Students of one teacher trained as a group (each batch drawn once, one teacher pass, then every student's
+    own step) against the same students each alone, one after another (each with its own teacher pass).
+
+    All start from the same weights and see the same batches: their losses over the first `CHECK_STEPS` steps
+    must be equal (on the CPU bit for bit: the group computes what each run alone computes), then the group's
+    step and each student's step alone are timed, taking turns.
+    """
+    data = cifar_sized(work)
+    teacher = place(work.models.teacher, work.device, work.cfg.channels_last).eval().requires_grad_(False)
+    heads = place(work.models.heads, work.device, work.cfg.channels_last).eval().requires_grad_(False)
+    shared = TeacherPass(teacher, heads)
+    group = [in_last_phase(method_stage(name, work, data, work.cfg, shared), work.cfg, work.device) for name in names]
+    alone = [[in_last_phase(method_stage(name, work, data, work.cfg), work.cfg, work.device)] for name in names]
+    variants = [runs_step(group, work), *(runs_step(runs, work) for runs in alone)]
+    losses = [[[float(loss) for loss, _ in step(*next(batches))] for step, batches in variants]
+              for _ in range(CHECK_STEPS)]  # per check step: the group's losses, then each student's alone
+    equal = [all(step[0][i] == step[1 + i][0] for step in losses) for i in range(len(names))]
+    close = [all(math.isclose(step[0][i], step[1 + i][0], rel_tol=1e-5) for step in losses) for i in range(len(names))]
+    seconds = seconds_per_step(variants, dataclasses.replace(work.plan, warmup=max(0, work.plan.warmup - CHECK_STEPS)),
+                               work.device)
+    group_s, alone_s = seconds[0], seconds[1:]
+    batch = work.cfg.batch_size
+    exact = work.device.type == "cpu"  # a GPU's kernels may round differently from call to call
+    students = [{"method": name, "alone_ms_per_step": round(1e3 * t, 1), "alone_img_s": round(batch / t, 1),
+                 "group_img_s": round(batch / group_s, 1), "losses": [step[0][i] for step in losses],
+                 "losses_equal": equal[i], "ok": equal[i] if exact else close[i]}
+                for i, (name, t) in enumerate(zip(names, alone_s, strict=True))]
+    result = {"methods": names, "group_ms_per_step": round(1e3 * group_s, 1),
+              "one_after_another_ms_per_step": round(1e3 * sum(alone_s), 1),
+              "speedup": round(sum(alone_s) / group_s, 3), "students": students}
+    rows = [[r["method"], r["alone_ms_per_step"], r["alone_img_s"], r["group_img_s"],
+             ("equal" if r["losses_equal"] else "close" if r["ok"] else "DIFFER")] for r in students]
+    rows.append(["all, one after another", result["one_after_another_ms_per_step"], round(batch / sum(alone_s), 1),
+                 "", ""])
+    rows.append(["the group", result["group_ms_per_step"], "", round(batch / group_s, 1),
+                 f"{result['speedup']:.2f}x faster"])
+    print_table(f"group {' '.join(names)}: {work.models.teacher_name} -> res8 ({describe(work.cfg)}), images/s per "
+                f"student alone and in the group (CRD's banks sized for {len(data.y_train)} images)",
+                ["student", "ms/step", "alone img/s", "in group img/s", f"losses, {CHECK_STEPS} steps vs alone"], rows)
+    return result
 
 
 def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, plan: Plan) -> list[dict[str, Any]]:
@@ -561,7 +635,7 @@ def ablation(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
             ("no host sync per step (vs loss.item())", True, partial(work.fast, kind, sync_each_step=True)),
         ]
         if kind == "dih":
-            variants.append(("cohort once, inference_mode (vs heads twice)", True,
+            variants.append(("cohort once (vs heads twice)", True,
                              partial(work.fast, kind, cohort_twice=True)))
         if work.device.type == "cuda":
             variants += [("CUDA graphs", cfg.cuda_graphs, partial(work.fast, kind, flip("cuda_graphs"))),
@@ -603,7 +677,7 @@ def _flipped_cudnn_benchmark(work: Workload, kind: str) -> Timed:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
-    p.add_argument("--stages", default=",".join(STAGES), help="some of teacher,heads,dih")
+    p.add_argument("--stages", default=",".join(STAGES), help="some of teacher,heads,dih; or none")
     p.add_argument("--teacher", default="res110", choices=MODEL_NAMES, metavar="MODEL", help="a model of the zoo")
     p.add_argument("--student", default="res8", choices=MODEL_NAMES, metavar="MODEL", help="a model of the zoo")
     p.add_argument("--num_classes", type=int, default=100, help="as CIFAR-100")
@@ -622,10 +696,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
     p.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=None, metavar="METHOD",
                    help="also the student step of these methods against KD's (no names: every method but CE)")
+    p.add_argument("--group", nargs="+", action="append", choices=tuple(METHODS), metavar="METHOD",
+                   help="also these students of the teacher as one group against each alone, one after another "
+                        "(repeat the flag for several groups), e.g. --group kd at crd dih")
     args = p.parse_args(argv)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not args.stages or not set(args.stages) <= set(STAGES):
-        p.error(f"--stages must name some of {', '.join(STAGES)}, got {','.join(args.stages)!r}")
+    args.stages = [] if args.stages == "none" else [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not set(args.stages) <= set(STAGES) or not (args.stages or args.methods is not None or args.group):
+        p.error(f"--stages must name some of {', '.join(STAGES)} (or none, with --methods or --group), got "
+                f"{','.join(args.stages)!r}")
+    for names in args.group or []:
+        alone = [name for name in names if METHODS[name].teacher != "plain" or METHODS[name].assistant]
+        if alone or len(set(names)) != len(names):
+            p.error(f"--group {' '.join(names)}: name distinct methods taught by the teacher itself "
+                    f"({alone[0] if alone else 'a repeated one'} is not one)")
     for name, quick, full in (("steps", 2, 20), ("warmup", 1, 5), ("repeats", 3, 5)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -663,12 +746,15 @@ def main(argv: list[str] | None = None) -> int:
         extra["growth"] = growth(args, cfg, device, plan)
     if args.methods is not None:
         extra["methods"] = method_costs(work, args.methods or [m for m in METHODS if m != "ce"])
-    headline = next((r for r in results if r["stage"] == "dih"), results[-1])
+    if args.group:
+        extra["groups"] = [group_costs(work, names) for names in args.group]
+    headline = next((r for r in results if r["stage"] == "dih"), results[-1] if results else {})
     failed = [r["stage"] for r in results if not r["loss_check"]["ok"]]
+    unequal = [s["method"] for group in extra.get("groups", []) for s in group["students"] if not s["ok"]]
     total_s, load_after = time.perf_counter() - started, os.getloadavg()[0]
     print(f"\ntotal {total_s:.0f}s, load average {load_after:.2f}", flush=True)
     print(json.dumps({
-        "stage": headline["stage"],
+        **({"stage": headline["stage"]} if headline else {}),
         "device": device_name(device),
         "batch_size": cfg.batch_size,
         **{key: value for key, value in headline.items() if key != "stage"},
@@ -688,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     }))
     if failed:
         print(f"bench.py: error: the fast and conventional losses differ for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    if unequal:
+        print(f"bench.py: error: in a group, the losses of {', '.join(unequal)} differ from their runs alone",
+              file=sys.stderr)
         return 1
     return 0
 

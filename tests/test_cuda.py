@@ -90,7 +90,7 @@ def train(models: bench.Models, cfg: TrainConfig, epochs: list[float], no_logits
     stage = bench.fast_stage("teacher", models, cfg, CUDA)
     optimizer = make_optimizer(trainable_parameters(stage.trainable), cfg)
 
-    def features_only(b: Batch):  # a loss that trains no classifier, as FitNets' hint phase
+    def features_only(b: Batch, shared=None):  # a loss that trains no classifier, as FitNets' hint phase
         loss, _ = stage.training_step(b)
         return loss, []
 

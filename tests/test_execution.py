@@ -83,16 +83,16 @@ class FakeCuda:
         self.warmed: list[tuple[int, ...]] = []
         self.captured: list[tuple[tuple[int, ...], float]] = []
 
-    def warm(self, step, batch):
-        self.warmed.append(tuple(batch.x.shape))
-        return step(batch)
+    def warm(self, step, inputs):
+        self.warmed.append(tuple(inputs[0].x.shape))
+        return step(*inputs)
 
     def capture(self, step, static):
-        self.captured.append((tuple(static.x.shape), self.optimizer.param_groups[0]["lr"]))
+        self.captured.append((tuple(static[0].x.shape), self.optimizer.param_groups[0]["lr"]))
         outputs = (torch.zeros(()), None if self.no_logits else torch.zeros(()))
 
         def replay():
-            loss, correct = step(static)
+            loss, correct = step(*static)
             outputs[0].copy_(loss)
             if correct is not None:
                 outputs[1].copy_(correct)
@@ -108,7 +108,7 @@ def tiny_setup(no_logits: bool = False):
                       seed=0)
     optimizer = make_optimizer(model.parameters(), cfg)
 
-    def loss_fn(batch):
+    def loss_fn(batch, shared=None):
         logits = model(batch.x)
         return F.cross_entropy(logits, batch.y), [] if no_logits else [logits]
 
@@ -161,7 +161,7 @@ def test_a_step_that_cannot_be_captured_is_a_user_error():
     def capture(step, static):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
-    graphed = GraphedStep(inner, optimizer, warm=lambda step, batch: step(batch), capture=capture)
+    graphed = GraphedStep(inner, optimizer, warm=lambda step, inputs: step(*inputs), capture=capture)
     with pytest.raises(UserError, match="cannot be captured as a CUDA graph \\(operation not permitted"):
         for batch in batches([8] * (WARMUP_STEPS + 1)):
             graphed(batch)

@@ -1,6 +1,6 @@
 """The fast path computes what a plain fp32 eager NCHW step computes: loss, gradients, cohort logits.
 
-Every stage runs through the project's real step (`engine.make_train_step` on the stages of stages.py) with
+Every stage runs through the project's real step (`engine.GroupStep` on a run of the stages, as `fit` trains it) with
 channels_last and/or bf16 autocast, and is compared with the step written out by hand below. The optimizer
 runs with lr 0, so the gradients it leaves behind belong to the weights both computations started from.
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 
 import bench
 from data import Batch
-from engine import TrainConfig, make_optimizer, make_train_step, trainable_parameters
+from engine import TrainConfig
 
 NUM_CLASSES, BATCH = 10, 16
 CPU = torch.device("cpu")
@@ -52,12 +52,10 @@ def config(**overrides: bool) -> TrainConfig:
 
 def fast(kind: str, models: bench.Models, x: Tensor, y: Tensor, cfg: TrainConfig,
          device: torch.device = CPU) -> tuple[float, dict[str, Tensor]]:
-    """Loss and gradients from the project's step for stage `kind`."""
+    """Loss and gradients from the project's step for stage `kind` (a run alone: its teacher pass, its step)."""
     stage = bench.fast_stage(kind, models, cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    optimizer = make_optimizer(trainable_parameters(stage.trainable), cfg)
-    batch = Batch(x.to(device).contiguous(memory_format=memory_format), y.to(device), None)
-    loss, _ = make_train_step(stage.training_step, optimizer, cfg)(batch)
+    loss = bench.fast_step(stage, cfg)(x.to(device).contiguous(memory_format=memory_format), y.to(device))
     return loss.item(), {name: p.grad for name, p in stage.model.named_parameters()}
 
 
@@ -119,11 +117,14 @@ def test_compiled_step_equals_plain_fp32_step(models, batch):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, channels_last):
-    """One teacher pass under inference mode gives the logits of teacher(x) and of each head on its own features."""
+    """One teacher pass (no_grad) gives the logits of teacher(x) and of each head on its own features; DIH reads
+    nothing else of it."""
     stage = bench.fast_stage("dih", models, config(channels_last=channels_last), CPU)
     x = batch[0].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    once = stage.cohort(x)
-    assert all(logits.is_inference() for logits in once)
+    outputs = stage.shared_pass(Batch(x, batch[1], None), stage.needs)
+    assert outputs.taps is None and outputs.pooled is None
+    once = [outputs.logits, *outputs.heads]
+    assert not any(logits.requires_grad for logits in once)
 
     teacher, heads = copy.deepcopy(models.teacher).eval(), copy.deepcopy(models.heads)
     features: list[Tensor] = []

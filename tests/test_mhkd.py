@@ -136,7 +136,8 @@ def test_cli_run_resume_and_refusals(tmp_path, monkeypatch):
     assert extras["modules"] == ["student_heads", "teacher_heads"]
 
     with monkeypatch.context() as patch:
-        patch.setattr(test_dih, "fit", lambda *args, **kw: engine.fit(*args, **kw, log=stop_after_first_epoch))
+        patch.setattr(test_dih, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
+                                                                                 log=stop_after_first_epoch))
         with pytest.raises(Interrupted):
             student("cut", "--detach")
     student("cut", "--detach", "--resume")

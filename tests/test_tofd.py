@@ -89,7 +89,7 @@ def test_student_pairs_classifiers_by_stage(tiny_npz):
     teacher_aux.eval()
     stage.start_epoch(100)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    loss, _ = stage.training_step(Batch(x, y, torch.arange(8)))
+    loss, _ = stage.training_loss(Batch(x, y, torch.arange(8)))
 
     with torch.no_grad():
         s, t = student.forward_features(x), teacher.forward_features(x)
@@ -109,7 +109,7 @@ def test_student_pairs_classifiers_by_stage(tiny_npz):
         misaligned = reference(zs[::-1], zt[::-1], fs[::-1], ft[::-1], ws, y, 2.2, 0.05, 0.03)
         assert not math.isclose(misaligned.item(), want.item(), rel_tol=1e-3)
         stage.start_epoch(1)  # the temperature follows the epoch
-        assert math.isclose(stage.training_step(Batch(x, y, torch.arange(8)))[0].item(),
+        assert math.isclose(stage.training_loss(Batch(x, y, torch.arange(8)))[0].item(),
                             reference(zs, zt, fs, ft, ws, y, 1.012, 0.05, 0.03).item(), rel_tol=1e-5)
 
 
@@ -209,7 +209,8 @@ def test_resume_is_exact(tofd_teachers, tiny_npz, tmp_path, monkeypatch):
     flags = ["--teacher_ckpt", str(tofd_teachers["a"]), "--epochs", "3", "--schedule", "2"]
     student(tiny_npz, tmp_path / "whole", *flags)
     with monkeypatch.context() as patch:
-        patch.setattr(test_dih, "fit", lambda *args, **kw: engine.fit(*args, **kw, log=stop_after_first_epoch))
+        patch.setattr(test_dih, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
+                                                                                 log=stop_after_first_epoch))
         with pytest.raises(Interrupted):
             student(tiny_npz, tmp_path / "cut", *flags)
     assert not (tmp_path / "cut" / "summary.json").exists()
