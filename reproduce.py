@@ -2,16 +2,17 @@
 
     python reproduce.py --preset paper-cifar100 --jobs 2 --gpus 0,1
     python reproduce.py --preset demo                                   # synthetic data: minutes on a laptop CPU
-    python reproduce.py --preset paper-cifar100 --slurm --partition gpu  # one Slurm job per stage run
+    python reproduce.py --preset paper-cifar100 --slurm --partition gpu  # one Slurm job per node of the graph
     python reproduce.py --preset paper-cifar100 --report_only           # the table so far, of a sweep under way
     python reproduce.py --preset paper-cifar10 --dry_run                # the stage commands, by dependency level
 
 The sweep is a dependency graph of stage runs: each teacher is trained once per seed, its heads once,
 then every student (the CE baseline needs no teacher, so one CE run per student and seed serves every
-teacher's row). Each run is one call of a stage script, always with --resume, in the folder that
-script would choose itself, re-rooted under --runs_dir. A finished run is skipped without starting a
-process and an interrupted one continues where it stopped, so rerunning the same command after a
-crash finishes the table, and otherwise costs seconds. The table and plots go to
+teacher's row). The students that one teacher run teaches train side by side in one process, sharing
+each batch and each teacher pass (--no_group: one process each). Each run is trained by a stage script,
+always with --resume, in the folder that script would choose itself, re-rooted under --runs_dir. A
+finished run is skipped without starting a process and an interrupted one continues where it stopped,
+so rerunning the same command after a crash finishes the table, and otherwise costs seconds. The table and plots go to
 --results_dir/<preset>/: final-epoch test accuracy, mean ± sample std over seeds. The pieces are in sweep/.
 """
 
@@ -23,7 +24,7 @@ import sys
 
 import cli
 from data import dataset_tag
-from sweep.graph import Outcome, build_graph, is_finished, listing
+from sweep.graph import Outcome, build_graph, finished_runs, listing
 from sweep.grid import PRESETS, add_grid_flags, make_sweep
 from sweep.local import exclusive, execute, parse_gpus
 from sweep.report import report
@@ -39,6 +40,9 @@ def build_parser() -> cli.Parser:
     p = cli.Parser(description=__doc__.splitlines()[0],
                    epilog=f"Presets: {presets}. Flags override the preset's values; without a preset, the paper's.")
     add_grid_flags(p)
+    p.add_argument("--no_group", action="store_true",
+                   help="one process per student (default: the students of each teacher run train as one group, "
+                        "sharing each batch and each teacher pass; the same numbers)")
     here = p.add_argument_group("on this machine")
     here.add_argument("--jobs", type=int, default=1, help="stage processes at once per device")
     here.add_argument("--gpus", help="spread the processes over these GPUs, e.g. 0,1 (default: each script's choice)")
@@ -83,13 +87,15 @@ def main(argv: list[str] | None = None) -> Outcome:
     slurm = slurm_options(args)
     gpus = parse_gpus(args.gpus)
     sweep = make_sweep(args)
-    nodes = build_graph(sweep)
+    nodes = build_graph(sweep, group=not args.no_group)
     if args.dry_run:
         print(listing(nodes))
         return Outcome(nodes)
     if args.report_only:
         outcome = Outcome(nodes)
-        print(f"{sum(is_finished(node, sweep.dataset) for node in nodes)} of {len(nodes)} stage runs have finished")
+        runs = sum(len(node.runs) for node in nodes)
+        print(f"{len(finished_runs(nodes, sweep.dataset))} of {runs} stage runs have finished ({len(nodes)} "
+              "processes in the graph)")
     else:
         with exclusive(sweep.runs_dir / dataset_tag(sweep.dataset)):
             outcome = submit(nodes, sweep, slurm) if slurm else execute(nodes, sweep.dataset, args.jobs, gpus)

@@ -20,24 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Node:
-    """One stage run: its command, its folder, the runs it needs, and what its summary.json must say.
+    """One process of the sweep: a stage run, or a group of students trained side by side (test_dih.py with several
+    methods); its command, its folder, the runs it needs, and what each run's summary.json must say.
 
-    The runners read nothing else, so a new kind of run (an assistant teacher, a variant teacher) is one
-    more `add` in `build_graph`.
+    `out_dir` holds its log.txt and stderr.txt and names its Slurm job: the run's own folder, or for a group a
+    folder of its own. The runners read nothing else, so a new kind of run (an assistant teacher, a variant
+    teacher) is one more `add` in `build_graph`.
     """
 
     label: str
     out_dir: Path
     argv: list[str]
-    deps: list[Path]
-    expect: dict[str, Any]
+    deps: list[Path]  # the run folders it needs
+    runs: dict[Path, dict[str, Any]]  # each run folder it writes -> what that run's summary.json must say
 
 
 @dataclass
 class Outcome:
     """What a call did; `reproduce.main` returns it so that tests can inspect a sweep in-process.
 
-    `launched` holds the runs started here or, with --slurm, submitted; `jobs` maps each unfinished run's
+    `launched` holds the nodes started here or, with --slurm, submitted; `jobs` maps each unfinished node's
     folder to its Slurm job (submitted now or already queued) and `report_job` is the job that writes the table.
     """
 
@@ -50,14 +52,26 @@ class Outcome:
     report_job: str | None = None
 
 
-def build_graph(sweep: Sweep) -> list[Node]:
-    """Every stage run of the sweep, once each, in dependency order.
+@dataclass(frozen=True)
+class Member:
+    """A student run that may join its teacher's group: the group it belongs to, its method and hyper-parameters."""
+
+    key: tuple[str, str, int]  # (student, teacher, seed)
+    method: str
+    hyper: dict[str, Any]
+    heads: Path | None  # DIH's heads checkpoint
+
+
+def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
+    """Every stage run of the sweep, once each, in dependency order; with `group`, the students that one teacher
+    run teaches (same student model, seed and recipe) as one node.
 
     Teachers first (plain, and TOFD's variant where the sweep has TOFD), then what is trained on a teacher and
     shared by students (DIH's heads, TAKD's assistant), then every student. What a student method needs is
     read from its `Method` record, so a new method needs no change here.
     """
     nodes: dict[Path, Node] = {}
+    members: dict[Path, Member] = {}
     methods = [REGISTRY[m] for m in sweep.methods]
 
     def add(label: str, script: str, out_dir: Path, epochs: int, seed: int, flags: list[str], deps: list[Path],
@@ -65,15 +79,17 @@ def build_graph(sweep: Sweep) -> list[Node]:
         argv = [sys.executable, str(ROOT / script), *flags, *stage_flags(sweep, epochs, seed), "--out_dir",
                 str(out_dir), "--resume"]
         expect = {**expect, **hyper_parameters(sweep, epochs, seed)}
-        nodes.setdefault(out_dir, Node(label, out_dir, argv, deps, expect))
+        nodes.setdefault(out_dir, Node(label, out_dir, argv, deps, {out_dir: expect}))
 
     def add_student(student: str, method: str, teacher: str, seed: int, extra: list[str], deps: list[Path],
-                    expect: dict[str, Any]) -> None:
+                    expect: dict[str, Any]) -> Path:
         hyper = sweep.hyper(method)
         name = f"{method} student {student}" + (f" <- {teacher}" if REGISTRY[method].teacher != "none" else "")
-        add(f"{name} seed {seed}", "test_dih.py", sweep.student_dir(student, method, teacher, seed), sweep.epochs,
-            seed, ["--student", student, "--method", method, *extra, *hyper_flags(hyper)], deps,
+        out_dir = sweep.student_dir(student, method, teacher, seed)
+        add(f"{name} seed {seed}", "test_dih.py", out_dir, sweep.epochs, seed,
+            ["--student", student, "--method", method, *extra, *hyper_flags(hyper)], deps,
             {"stage": "student", "model": student, "method": method, **hyper, **expect})
+        return out_dir
 
     variants = ["plain"] + (["tofd"] if any(m.teacher == "tofd" for m in methods) else [])
     for variant in variants:
@@ -115,18 +131,58 @@ def build_graph(sweep: Sweep) -> list[Node]:
                         deps.append(sweep.student_dir(ta, "kd", teacher, seed))
                         extra += ["--ta", ta, "--ta_ckpt", str(deps[-1] / "student.pt")]
                         expect["ta"] = ta
-                    add_student(student, method.name, teacher, seed, extra, deps, expect)
-    return list(nodes.values())
+                    out_dir = add_student(student, method.name, teacher, seed, extra, deps, expect)
+                    if method.teacher == "plain" and not method.assistant:  # taught by the teacher run itself
+                        heads = sweep.heads_dir(teacher, seed) / "heads.pt" if method.heads else None
+                        members.setdefault(out_dir, Member((student, teacher, seed), method.name,
+                                                           sweep.hyper(method.name), heads))
+    graph = list(nodes.values())
+    return group_students(sweep, graph, members) if group else graph
 
 
-def hyper_flags(hyper: dict[str, Any]) -> list[str]:
-    """A method's hyper-parameters as test_dih.py flags, so that each command states every value it uses."""
+def group_students(sweep: Sweep, graph: list[Node], members: dict[Path, Member]) -> list[Node]:
+    """The graph with the students of each (student model, teacher run, seed) merged into one node, in the place
+    of the first of them (its dependencies are theirs: still after them in build order)."""
+    by_key: dict[tuple[str, str, int], list[Node]] = {}
+    for node in graph:
+        if node.out_dir in members:
+            by_key.setdefault(members[node.out_dir].key, []).append(node)
+    merged = {nodes[0].out_dir: group_node(sweep, key, nodes, members) for key, nodes in by_key.items()
+              if len(nodes) > 1}
+    absorbed = {node.out_dir for nodes in by_key.values() if len(nodes) > 1 for node in nodes[1:]}
+    return [merged.get(node.out_dir, node) for node in graph if node.out_dir not in absorbed]
+
+
+def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], members: dict[Path, Member]) -> Node:
+    """One test_dih.py process for several students of one teacher run: each method's values and folder spelled
+    --METHOD.FLAG, so that every student gets the arguments, folder and numbers of its own node."""
+    student, teacher, seed = key
+    own = [members[node.out_dir] for node in nodes]
+    methods = [member.method for member in own]
+    heads = next((member.heads for member in own if member.heads is not None), None)
+    argv = [sys.executable, str(ROOT / "test_dih.py"), "--student", student, "--method", *methods,
+            "--teacher", teacher, "--teacher_ckpt", str(sweep.teacher_dir(teacher, seed) / "teacher.pt"),
+            *(["--heads_ckpt", str(heads)] if heads else []),
+            *(flag for member in own for flag in hyper_flags(member.hyper, f"{member.method}.")),
+            *stage_flags(sweep, sweep.epochs, seed),
+            *(flag for node, member in zip(nodes, own, strict=True) for flag in (f"--{member.method}.out_dir",
+                                                                                   str(node.out_dir))),
+            "--resume"]
+    deps = list(dict.fromkeys(dep for node in nodes for dep in node.deps))
+    runs = {run: expect for node in nodes for run, expect in node.runs.items()}
+    return Node(f"{' '.join(methods)} students {student} <- {teacher} seed {seed}",
+                sweep.run_dir(f"group-{student}-{teacher}", seed), argv, deps, runs)
+
+
+def hyper_flags(hyper: dict[str, Any], prefix: str = "") -> list[str]:
+    """A method's hyper-parameters as test_dih.py flags (`prefix` "kd.": KD's own values in a group), so that each
+    command states every value it uses."""
     flags: list[str] = []
     for key, value in hyper.items():
         if isinstance(value, bool):
-            flags.append(f"--{key}" if value else f"--no-{key}")
+            flags.append(f"--{prefix}{key}" if value else f"--{prefix}no-{key}")
         else:
-            flags += [f"--{key}", str(value)]
+            flags += [f"--{prefix}{key}", str(value)]
     return flags
 
 
@@ -149,11 +205,13 @@ def hyper_parameters(sweep: Sweep, epochs: int, seed: int) -> dict[str, Any]:
 
 
 def levels(nodes: list[Node]) -> list[list[Node]]:
-    """The nodes by depth, in build order within each: a run's level is one past the deepest run it needs."""
-    depth: dict[Path, int] = {}
+    """The nodes by depth, in build order within each: a node's level is one past the deepest node it needs."""
+    depth: dict[Path, int] = {}  # by run folder
     for node in nodes:  # build_graph lists every node after the nodes it needs
-        depth[node.out_dir] = 1 + max((depth[dep] for dep in node.deps), default=-1)
-    return [[node for node in nodes if depth[node.out_dir] == level] for level in range(max(depth.values()) + 1)]
+        level = 1 + max((depth[dep] for dep in node.deps), default=-1)
+        depth |= dict.fromkeys(node.runs, level)
+    by_node = [depth[next(iter(node.runs))] for node in nodes]
+    return [[node for node, d in zip(nodes, by_node, strict=True) if d == level] for level in range(max(by_node) + 1)]
 
 
 def listing(nodes: list[Node]) -> str:
@@ -167,7 +225,7 @@ def listing(nodes: list[Node]) -> str:
     lines = []
     for number, level in enumerate(graph, 1):
         needs = "that need no other run" if number == 1 else "each after the runs named at its end (of earlier levels)"
-        lines.append(f"# level {number} of {len(graph)}: {len(level)} runs {needs}")
+        lines.append(f"# level {number} of {len(graph)}: {len(level)} commands {needs}")
         for node in level:
             after = f"  # after {' '.join(dep.name for dep in node.deps)}" if node.deps else ""
             lines.append(shlex.join(node.argv) + after)
@@ -182,19 +240,30 @@ def read_summary(out_dir: Path) -> dict[str, Any] | None:
         raise UserError(f"{path} cannot be read ({err}); delete it to rerun that stage") from None
 
 
+def finished_runs(nodes: list[Node], dataset: str) -> set[Path]:
+    """The run folders of `nodes` that hold their finished run."""
+    return {out_dir for node in nodes for out_dir, expect in node.runs.items()
+            if run_is_finished(out_dir, expect, dataset)}
+
+
 def is_finished(node: Node, dataset: str) -> bool:
-    """Whether the node's folder holds its finished run; a different run there is refused, never reused."""
-    summary = read_summary(node.out_dir)
+    """Whether every run of the node is finished."""
+    return all(run_is_finished(out_dir, expect, dataset) for out_dir, expect in node.runs.items())
+
+
+def run_is_finished(out_dir: Path, expect: dict[str, Any], dataset: str) -> bool:
+    """Whether the folder holds its finished run; a different run there is refused, never reused."""
+    summary = read_summary(out_dir)
     if summary is None:
         return False
     recorded = {**summary.get("config", {}), **summary}
-    wrong = [key for key, want in node.expect.items() if recorded.get(key) != want]
+    wrong = [key for key, want in expect.items() if recorded.get(key) != want]
     if not dataset_matches(recorded.get("dataset", ""), dataset):
         wrong.insert(0, "dataset")
     if wrong:
         key = wrong[0]
-        want = dataset if key == "dataset" else node.expect[key]
-        raise UserError(f"{node.out_dir} holds another run ({key}={recorded.get(key)!r}, this sweep asks for "
+        want = dataset if key == "dataset" else expect[key]
+        raise UserError(f"{out_dir} holds another run ({key}={recorded.get(key)!r}, this sweep asks for "
                         f"{want!r}): delete it or choose another --runs_dir")
     return True
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from utils import UserError, resolve_device
 
-from .graph import Node, Outcome, is_finished, read_summary
+from .graph import Node, Outcome, finished_runs, read_summary
 
 
 def parse_gpus(text: str | None) -> list[str | None]:
@@ -34,28 +34,30 @@ def parse_gpus(text: str | None) -> list[str | None]:
 def execute(
     nodes: list[Node], dataset: str, jobs: int, gpus: list[str | None], log: Callable[[str], None] = print
 ) -> Outcome:
-    """Run the unfinished nodes, each as soon as its dependencies have finished, `jobs` at once per device.
+    """Run the unfinished nodes, each as soon as the runs it needs have finished, `jobs` at once per device.
 
     A failed node's dependents are skipped; the others go on. Output goes to log.txt and stderr.txt in
-    each run's folder; the terminal gets one line per start and finish.
+    each node's folder; the terminal gets one line per start and finish.
     """
     outcome = Outcome(nodes)
-    done = {node.out_dir for node in nodes if is_finished(node, dataset)}
-    pending = [node for node in nodes if node.out_dir not in done]
-    log(f"{len(nodes)} stage runs, {len(done)} already finished, {len(pending)} to run")
+    done = finished_runs(nodes, dataset)
+    pending = [node for node in nodes if not set(node.runs) <= done]
+    runs = sum(len(node.runs) for node in nodes)
+    log(f"{runs} stage runs in {len(nodes)} processes, {len(done)} runs already finished, {len(pending)} processes "
+        "to run")
     slots = [gpu for _ in range(jobs) for gpu in gpus]  # round-robin over the GPUs
     free = list(range(len(slots)))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if len(slots) > 1 and "OMP_NUM_THREADS" not in env:  # concurrent CPU runs would oversubscribe the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
-    blocked: set[Path] = set()
+    blocked: set[Path] = set()  # runs that failed or could not start
     running: dict[int, tuple[Node, subprocess.Popen, int, float]] = {}
     try:
         while pending or running:
             for node in list(pending):
                 if any(dep in blocked for dep in node.deps):
                     pending.remove(node)
-                    blocked.add(node.out_dir)
+                    blocked |= set(node.runs) - done
                     outcome.skipped.append(node)
                     log(f"skip   {node.label}: a run it needs failed")
                 elif free and all(dep in done for dep in node.deps):
@@ -72,12 +74,13 @@ def execute(
                 del running[slot]
                 free.append(slot)
                 seconds = time.perf_counter() - started
-                summary = read_summary(node.out_dir) if process.returncode == 0 else None
-                if summary is not None:
-                    done.add(node.out_dir)
-                    log(f"done   {node.label}: final test acc {summary['final_test_acc']:.2f}% ({seconds:.0f} s)")
+                summaries = {out_dir: read_summary(out_dir) for out_dir in node.runs}
+                done |= {out_dir for out_dir, summary in summaries.items() if summary is not None}
+                if process.returncode == 0 and None not in summaries.values():
+                    accuracy = ", ".join(f"{summary['final_test_acc']:.2f}%" for summary in summaries.values())
+                    log(f"done   {node.label}: final test acc {accuracy} ({seconds:.0f} s)")
                 else:
-                    blocked.add(node.out_dir)
+                    blocked |= set(node.runs) - done
                     outcome.failed.append(node)
                     log(f"FAILED {node.label} (exit {process.returncode}, {seconds:.0f} s): {shlex.join(node.argv)}")
                     for line in stderr_tail(node.out_dir / "stderr.txt", err_offset):

@@ -1,7 +1,8 @@
-"""The graph on a Slurm cluster: one batch job per unfinished stage run, then one that writes the table.
+"""The graph on a Slurm cluster: one batch job per unfinished node (a stage run, or a group of students), then one
+that writes the table.
 
 Each job runs its node's command (the stage script, with --resume) from the folder reproduce.py was
-started in, appends its output to the run's own log.txt and stderr.txt, and waits `afterok` for the jobs
+started in, appends its output to the node's log.txt and stderr.txt, and waits `afterok` for the jobs
 of the runs it needs; a failed run cancels the jobs waiting for it (--kill-on-invalid-dep). The report
 job waits `afterany` for all of them, so that a failed run is a dash in the table, not a table never written.
 
@@ -10,8 +11,9 @@ node and keeps logs in folders of its own, whereas these jobs are shell commands
 in the run folders, and sbatch's flags are the ones a cluster's documentation gives. One subprocess call per
 job is less code than adapting submitit to that, and no new dependency.
 
-Every job carries its run folder as its Slurm comment, so a second submission sees in squeue which runs are
-already queued or running, and waits for those jobs rather than submitting a second job into the same folder.
+Every job carries its run folders as its Slurm comment (a group of students: all of theirs), so a second
+submission sees in squeue which runs are already queued or running, and waits for those jobs rather than
+submitting a second job into the same folder.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from utils import UserError
 
-from .graph import ROOT, Node, Outcome, is_finished
+from .graph import ROOT, Node, Outcome, finished_runs
 from .grid import Sweep, grid_flags
 
 
@@ -56,20 +58,27 @@ def submit(nodes: list[Node], sweep: Sweep, options: SlurmOptions, log: Callable
     """Submit every unfinished node that is not queued already and, if any was, the report job."""
     outcome = Outcome(nodes)
     queued = queued_jobs()  # read before the summaries: a job that ends in between has written its summary
-    done = {node.out_dir for node in nodes if is_finished(node, sweep.dataset)}
+    done = finished_runs(nodes, sweep.dataset)
+    run_jobs: dict[Path, str] = {}  # the job that trains each unfinished run
     cwd = Path.cwd()
     for node in nodes:  # build order: the jobs of the runs a node needs are known when its turn comes
-        if node.out_dir in done:
+        unfinished = [run for run in node.runs if run not in done]
+        if not unfinished:
             continue
         out = node.out_dir.resolve()
-        job = queued.get(str(out))
-        if job is None:
+        waiting = list(dict.fromkeys(queued[str(run.resolve())] for run in unfinished if str(run.resolve()) in queued))
+        if len(waiting) == 1 and all(str(run.resolve()) in queued for run in unfinished):
+            job = waiting[0]  # queued or running already
+        else:  # (a run some other job still trains is left to it: this job resumes after that one has ended)
             out.mkdir(parents=True, exist_ok=True)  # Slurm opens the logs before the job starts
-            after = [outcome.jobs[dep] for dep in node.deps if dep not in done]
-            flags = [f"--job-name={out.name}", f"--chdir={cwd}", f"--comment={out}", f"--output={out}/log.txt",
+            after = list(dict.fromkeys(run_jobs[dep] for dep in node.deps if dep not in done))
+            comment = COMMENT_SEPARATOR.join(str(run.resolve()) for run in node.runs)
+            flags = [f"--job-name={out.name}", f"--chdir={cwd}", f"--comment={comment}", f"--output={out}/log.txt",
                      f"--error={out}/stderr.txt", "--open-mode=append"]
             flags += [f"--gres=gpu:{options.gpus}"] if options.gpus != "0" else []
-            flags += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"] if after else []
+            dependency = ([f"afterok:{':'.join(after)}"] if after else []) + (
+                [f"afterany:{':'.join(waiting)}"] if waiting else [])
+            flags += [f"--dependency={','.join(dependency)}", "--kill-on-invalid-dep=yes"] if dependency else []
             argv = node.argv + (["--gpu_id", "cpu"] if options.gpus == "0" else [])
             try:
                 job = sbatch(argv, flags + options.flags())
@@ -79,8 +88,11 @@ def submit(nodes: list[Node], sweep: Sweep, options: SlurmOptions, log: Callable
                 raise UserError(f"{node.label}: {err}{before}") from None
             outcome.launched.append(node)
         outcome.jobs[node.out_dir] = job
-    log(f"{len(nodes)} stage runs: {len(done)} finished, {len(outcome.jobs) - len(outcome.launched)} already queued "
-        f"or running, {len(outcome.launched)} submitted now")
+        run_jobs |= dict.fromkeys(unfinished, job)
+    runs = sum(len(node.runs) for node in nodes)
+    log(f"{runs} stage runs in {len(nodes)} jobs: {len(done)} runs finished, "
+        f"{len(outcome.jobs) - len(outcome.launched)} jobs already queued or running, {len(outcome.launched)} "
+        "submitted now")
     if not outcome.launched:
         if outcome.jobs:
             log("nothing submitted: the jobs already queued finish the sweep, and the report job submitted with them "
@@ -90,16 +102,21 @@ def submit(nodes: list[Node], sweep: Sweep, options: SlurmOptions, log: Callable
     results.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(ROOT / "reproduce.py"), "--report_only", *grid_flags(sweep)]
     flags = [f"--job-name=report-{sweep.name}", f"--chdir={cwd}", f"--output={results}/report.log",
-             "--open-mode=append", f"--dependency=afterany:{':'.join(outcome.jobs.values())}"]
+             "--open-mode=append", f"--dependency=afterany:{':'.join(dict.fromkeys(outcome.jobs.values()))}"]
     outcome.report_job = sbatch(argv, flags + options.flags())
     log(f"job {outcome.report_job} writes the table to {results} once they have all ended; watch: squeue --me")
     return outcome
 
 
+COMMENT_SEPARATOR = "|"  # between the run folders in a group job's comment
+
+
 def queued_jobs() -> dict[str, str]:
-    """Run folder → job id, for this user's jobs still on the queue, from the comments `submit` gives them."""
+    """Run folder → job id, for this user's jobs still on the queue, from the comments `submit` gives them (a
+    group's job lists all its run folders)."""
     lines = run(["squeue", "--me", "--noheader", "--format=%i %k"]).splitlines()
-    return {comment: job for job, _, comment in (line.strip().partition(" ") for line in lines)}
+    return {folder: job for job, _, comment in (line.strip().partition(" ") for line in lines)
+            for folder in comment.split(COMMENT_SEPARATOR)}
 
 
 def sbatch(argv: list[str], flags: list[str]) -> str:

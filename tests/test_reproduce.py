@@ -37,7 +37,7 @@ def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny
     labels = [node.label for node in first.launched]
     assert not first.failed and not first.skipped
     assert labels == ["teacher res8 seed 30", "heads res8 seed 30", "ce student res8 seed 30",
-                      "kd student res8 <- res8 seed 30", "dih student res8 <- res8 seed 30"]
+                      "kd dih students res8 <- res8 seed 30"]  # one process for the students of the teacher
     teacher_dir = tmp_path / "runs" / "tiny" / "teacher-res8-seed30"
     assert (teacher_dir / "log.txt").read_text().count("stage 1:") == 1  # one process trained it, for both students
     assert len((teacher_dir / "metrics.jsonl").read_text().splitlines()) == 1
@@ -51,10 +51,15 @@ def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny
     assert second.table == first.table
 
     kd_dir = tmp_path / "runs" / "tiny" / "student-res8-kd-res8-a0.1-t5-seed30"
+    dih_weights = tmp_path / "runs" / "tiny" / "student-res8-dih-res8-a0.1-t5-seed30" / "student.pt"
+    written = dih_weights.stat().st_mtime_ns
     (kd_dir / "summary.json").unlink()
     third = reproduce.main(argv)
-    assert [node.out_dir for node in third.launched] == [kd_dir] and not third.failed
+    (group,) = third.launched  # the node of the unfinished run: its group
+    assert kd_dir in group.runs and not third.failed
     assert (kd_dir / "summary.json").exists()
+    assert dih_weights.stat().st_mtime_ns == written  # a finished student of the group is not trained again
+    assert f"{dih_weights.parent} is already finished" in (group.out_dir / "log.txt").read_text()
 
 
 def test_every_method_of_the_comparison_runs_through_the_sweep(tmp_path):
@@ -69,7 +74,10 @@ def test_every_method_of_the_comparison_runs_through_the_sweep(tmp_path):
     labels = [node.label for node in outcome.launched]
     shared = ["teacher res20 seed 30", "TOFD teacher res20 seed 30", "heads res20 seed 30",
               "kd student res14 <- res20 seed 30"]  # the last: TAKD's assistant
-    assert set(shared) <= set(labels) and len(labels) == len(set(labels)) == len(shared) + len(METHODS)
+    own = ["ce student res8 seed 30", "takd student res8 <- res20 seed 30", "tofd student res8 <- res20 seed 30",
+           "kd fitnets at crd mhkd dih students res8 <- res20 seed 30"]  # the others: one group on the teacher run
+    assert sorted(labels) == sorted(shared + own)
+    assert sum(len(node.runs) for node in outcome.launched) == len(shared) + len(METHODS)
     rows = aggregate(sweep_of(argv))
     for method in METHODS:
         column = {"fitnets": "FitNets"}.get(method, method.upper())
@@ -83,7 +91,8 @@ def test_every_method_of_the_comparison_runs_through_the_sweep(tmp_path):
 def test_paper_preset_lists_every_method_for_its_teachers():
     result = run_script("reproduce.py", "--preset", "paper-cifar100", "--dry_run")
     assert result.returncode == 0, result.stderr
-    methods = re.findall(r"--student (\S+) --method (\S+)", result.stdout)
+    methods = [(s, m) for s, names in re.findall(r"--student (\S+) --method ((?:[a-z]+ )+)--", result.stdout)
+               for m in names.split()]
     count = {method: sum(1 for s, m in methods if m == method and s == "res8") for method in METHODS}
     teachers, seeds = 9, 3
     assert count.pop("ce") == seeds  # one CE run per seed serves every teacher's row
@@ -94,20 +103,27 @@ def test_paper_preset_lists_every_method_for_its_teachers():
     assert result.stdout.count(" --tofd ") == teachers * seeds  # TOFD's own teachers
 
 
-def test_a_failed_run_skips_its_dependents_and_the_others_go_on(tiny_npz, tmp_path):
+@pytest.mark.parametrize(("group", "skipped"), [
+    (False, ["dih student res8 <- res8 seed 30"]),  # KD, which needs no heads, runs
+    (True, ["kd dih students res8 <- res8 seed 30"]),  # KD waits with DIH, its group
+])
+def test_a_failed_run_skips_its_dependents_and_the_others_go_on(tiny_npz, tmp_path, group, skipped):
     sweep = sweep_of(tiny_sweep(tiny_npz, tmp_path, "--methods", "ce", "kd", "dih"))
-    nodes = build_graph(sweep)
+    nodes = build_graph(sweep, group=group)
     heads = next(node for node in nodes if node.label.startswith("heads"))
     heads.argv = [sys.executable, "-c", "import sys; sys.exit('heads broke')"]
     for node in nodes:  # everything but the graph's bookkeeping is faked: no training here
         if node is not heads:
-            node.argv = [sys.executable, "-c", f"import json; open({str(node.out_dir / 'summary.json')!r}, 'w')"
-                                               f".write(json.dumps({{'final_test_acc': 1.0}}))"]
+            writes = "; ".join(f"open({str(run / 'summary.json')!r}, 'w').write(json.dumps({{'final_test_acc': 1.0}}))"
+                               for run in node.runs)
+            node.argv = [sys.executable, "-c", f"import json; {writes}"]
+            for run in node.runs:
+                run.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     outcome = execute(nodes, sweep.dataset, 2, [None], log=lines.append)
     assert outcome.failed == [heads]
-    assert [node.label for node in outcome.skipped] == ["dih student res8 <- res8 seed 30"]
-    assert len(outcome.launched) == 4  # teacher, heads, CE and KD students
+    assert [node.label for node in outcome.skipped] == skipped
+    assert len(outcome.launched) == len(nodes) - 1  # all but the skipped one
     failure = next(i for i, line in enumerate(lines) if line.startswith("FAILED"))
     assert shlex.join(heads.argv) in lines[failure] and "heads broke" in lines[failure + 1]
 
@@ -164,7 +180,7 @@ def test_report_only_tabulates_a_half_done_sweep_and_runs_nothing(tmp_path, caps
     argv = ["--teachers", "res20", "--methods", "ce", "kd", "dih", "--seeds", "30", "50",
             "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "res")]
     teacher = build_graph(sweep_of(argv))[0]
-    write_run(teacher.out_dir, [60.0, 70.0], **teacher.expect, dataset="cifar100")
+    write_run(teacher.out_dir, [60.0, 70.0], **teacher.runs[teacher.out_dir], dataset="cifar100")
     outcome = reproduce.main([*argv, "--report_only"])
     assert outcome.launched == [] and "1 of 10 stage runs have finished" in capsys.readouterr().out
     assert "| res20 | res8 | 70.00 (n=1) | — | — | — |" in outcome.table
@@ -175,16 +191,18 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
     argv = ["--teachers", "res20", "--epochs", "5", "--runs_dir", str(tmp_path)]
     sweep = sweep_of(argv)
     teacher = build_graph(sweep)[0]
-    write_run(teacher.out_dir, [10.0], **teacher.expect, dataset="cifar100")
+    write_run(teacher.out_dir, [10.0], **teacher.runs[teacher.out_dir], dataset="cifar100")
     assert is_finished(teacher, "cifar100")
-    teacher.out_dir.joinpath("summary.json").write_text(json.dumps({**teacher.expect, "epochs": 3,
+    teacher.out_dir.joinpath("summary.json").write_text(json.dumps({**teacher.runs[teacher.out_dir], "epochs": 3,
                                                                     "dataset": "cifar100"}))
     with pytest.raises(UserError, match="epochs=3, this sweep asks for 5"):
         is_finished(teacher, "cifar100")
 
 
-def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_it_waits_for(capsys):
-    reproduce.main(["--preset", "paper-cifar100", "--methods", "ce", "kd", "dih", "--dry_run"])
+@pytest.mark.parametrize("group", [True, False])
+def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_it_waits_for(capsys, group):
+    reproduce.main(["--preset", "paper-cifar100", "--methods", "ce", "kd", "dih", "--dry_run",
+                    *([] if group else ["--no_group"])])
     levels: list[list[tuple[list[str], list[str]]]] = []
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("# level"):
@@ -195,11 +213,14 @@ def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_
     teachers = ["res14", "res20", "res32", "res56", "res110", "res18", "res34", "vgg11", "wrn_28_2"]
     seeds = [30, 50, 67]
 
-    def command(script: str, *flags: str, seed: int, out: str) -> list[str]:
+    def command(script: str, *flags: str, seed: int, out: str | None = None, outs: dict | None = None) -> list[str]:
+        folders = ["--out_dir", f"runs/cifar100/{out}-seed{seed}"] if out else [
+            flag for method, name in outs.items()
+            for flag in (f"--{method}.out_dir", f"runs/cifar100/{name}-seed{seed}")]
         return [sys.executable, str(ROOT / script), *flags, "--dataset", "cifar100", "--data_dir", "./data",
                 "--seed", str(seed), "--epochs", "200", "--batch_size", "64", "--lr", "0.1", "--momentum", "0.9",
-                "--wd", "0.0005", "--nesterov", "--schedule", "60", "120", "180", "--gamma", "0.1",
-                "--out_dir", f"runs/cifar100/{out}-seed{seed}", "--resume"]
+                "--wd", "0.0005", "--nesterov", "--schedule", "60", "120", "180", "--gamma", "0.1", *folders,
+                "--resume"]
 
     def ckpts(t: str, seed: int) -> list[str]:
         return ["--teacher", t, "--teacher_ckpt", f"runs/cifar100/teacher-{t}-seed{seed}/teacher.pt"]
@@ -219,7 +240,17 @@ def test_dry_run_of_paper_cifar100_lists_every_stage_command_by_level_with_what_
               [f"teacher-{t}-seed{s}", f"heads-{t}-seed{s}"])
              for t in teachers for s in seeds]
     assert len(first) + len(second) + len(third) == 9 * 3 + 9 * 3 + (9 * 2 + 1) * 3 == 111
-    assert levels == [first, second, third]
+    if not group:
+        assert levels == [first, second, third]
+        return
+    # The KD and DIH students of each teacher run: one process, after the teacher and the heads.
+    groups = [(command("test_dih.py", "--student", "res8", "--method", "kd", "dih", *ckpts(t, s), "--heads_ckpt",
+                       f"runs/cifar100/heads-{t}-seed{s}/heads.pt", "--kd.alpha", "0.1", "--kd.temperature", "5.0",
+                       "--dih.alpha", "0.1", "--dih.temperature", "5.0", "--dih.cohort_reduction", "sum", seed=s,
+                       outs={"kd": f"student-res8-kd-{t}-a0.1-t5", "dih": f"student-res8-dih-{t}-a0.1-t5"}),
+               [f"teacher-{t}-seed{s}", f"heads-{t}-seed{s}"])
+              for t in teachers for s in seeds]
+    assert levels == [first, second[:27], groups]
 
 
 def test_a_data_mirror_reaches_every_stage_run_and_survives_the_round_trip():
@@ -237,8 +268,7 @@ def test_flags_override_the_preset_and_ce_is_shared_by_every_teacher():
     assert (sweep.dataset, sweep.epochs, sweep.teacher_epochs, sweep.lr) == ("cifar10", 3, 3, 0.1)
     students = [node for node in build_graph(sweep) if "student" in node.label]
     assert [node.label for node in students] == [
-        "ce student res8 seed 1", "kd student res8 <- res20 seed 1", "kd student res8 <- res56 seed 1",
-        "dih student res8 <- res20 seed 1", "dih student res8 <- res56 seed 1"]
+        "ce student res8 seed 1", "kd dih students res8 <- res20 seed 1", "kd dih students res8 <- res56 seed 1"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
