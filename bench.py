@@ -49,11 +49,12 @@ from torchvision import transforms
 
 import cli
 from data import CIFAR_SOURCES, Batch, DeviceDataset, from_arrays, test_batches, train_batches
-from engine import WARMUP_STEPS, GroupStep, Run, Stage, TrainConfig
+from engine import WARMUP_STEPS, GroupStep, Run, Stage, TrainConfig, make_shared_step
 from heads import IntermediateHeads, heads_for, tofd_aux_for
 from methods import METHODS, Setup, TeacherOutputs, TeacherPass
 from methods.dih import CohortDistillation
 from methods.takd import default_assistant
+from methods.tofd import TOFDTeacher
 from models import MODEL_NAMES, TapModel, build_model
 from stages import HeadsTraining, TeacherTraining
 from utils import COMPILE_MODES
@@ -522,13 +523,14 @@ def runs_step(runs: list[Run], work: Workload) -> Timed:
     def step(x: Tensor, y: Tensor, index: Tensor) -> list[tuple[Tensor, Tensor | None]]:
         return group_step(runs, Batch(x, y, index))
 
+    return step, endless_batches(work)
+
+
+def endless_batches(work: Workload) -> Iterator[Batch]:
+    """The engine's augmented batches, epoch after epoch (a group's loss check takes more than the plan's)."""
     generator = torch.Generator(device=work.device).manual_seed(0)
-
-    def batches() -> Iterator[Batch]:  # epoch after epoch: a group's loss check takes batches beyond the plan's
-        while True:
-            yield from train_batches(work.data, work.cfg.batch_size, generator, work.cfg.channels_last)
-
-    return step, batches()
+    while True:
+        yield from train_batches(work.data, work.cfg.batch_size, generator, work.cfg.channels_last)
 
 
 def method_costs(work: Workload, names: list[str]) -> list[dict[str, Any]]:
@@ -571,9 +573,11 @@ def group_costs(work: Workload, names: list[str]) -> dict[str, Any]:
               for _ in range(CHECK_STEPS)]  # per check step: the group's losses, then each student's alone
     equal = [all(step[0][i] == step[1 + i][0] for step in losses) for i in range(len(names))]
     close = [all(math.isclose(step[0][i], step[1 + i][0], rel_tol=1e-5) for step in losses) for i in range(len(names))]
+    teacher_pass = make_shared_step(shared, frozenset().union(*(run.phase.needs for run in group)), work.cfg)
+    variants.append((lambda x, y, index: teacher_pass(Batch(x, y, index)), endless_batches(work)))
     seconds = seconds_per_step(variants, dataclasses.replace(work.plan, warmup=max(0, work.plan.warmup - CHECK_STEPS)),
                                work.device)
-    group_s, alone_s = seconds[0], seconds[1:]
+    group_s, alone_s, pass_s = seconds[0], seconds[1:-1], seconds[-1]
     batch = work.cfg.batch_size
     exact = work.device.type == "cpu"  # a GPU's kernels may round differently from call to call
     students = [{"method": name, "alone_ms_per_step": round(1e3 * t, 1), "alone_img_s": round(batch / t, 1),
@@ -581,6 +585,7 @@ def group_costs(work: Workload, names: list[str]) -> dict[str, Any]:
                  "losses_equal": equal[i], "ok": equal[i] if exact else close[i]}
                 for i, (name, t) in enumerate(zip(names, alone_s, strict=True))]
     result = {"methods": names, "group_ms_per_step": round(1e3 * group_s, 1),
+              "teacher_pass_ms": round(1e3 * pass_s, 1),
               "one_after_another_ms_per_step": round(1e3 * sum(alone_s), 1),
               "speedup": round(sum(alone_s) / group_s, 3), "students": students}
     rows = [[r["method"], r["alone_ms_per_step"], r["alone_img_s"], r["group_img_s"],
@@ -589,10 +594,80 @@ def group_costs(work: Workload, names: list[str]) -> dict[str, Any]:
                  "", ""])
     rows.append(["the group", result["group_ms_per_step"], "", round(batch / group_s, 1),
                  f"{result['speedup']:.2f}x faster"])
+    rows.append(["(its teacher pass)", result["teacher_pass_ms"], "", "", ""])
     print_table(f"group {' '.join(names)}: {work.models.teacher_name} -> res8 ({describe(work.cfg)}), images/s per "
                 f"student alone and in the group (CRD's banks sized for {len(data.y_train)} images)",
                 ["student", "ms/step", "alone img/s", "in group img/s", f"losses, {CHECK_STEPS} steps vs alone"], rows)
     return result
+
+
+PROJECTED = "paper-cifar100"  # the preset whose cost --project prices
+
+
+def projection(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, plan: Plan) -> dict[str, Any]:
+    """What `reproduce.py --preset paper-cifar100` costs with and without grouping, priced from steps measured here.
+
+    For each teacher (of the preset, or those named): the step of every stage run the preset's graph runs for it
+    (its training, plain and TOFD's; its heads; TAKD's assistant, KD into res20; each student alone; the group of
+    the students the teacher run teaches) is timed on this device; a run costs its epochs x ceil(50000 / batch)
+    steps x its step. Projected, not measured: epochs' evaluation is left out, FitNets' 40 hint epochs are priced
+    at its KD step (they cost less), and in the group FitNets' last 40 epochs run alone.
+    """
+    from sweep.grid import PRESETS
+
+    preset = PRESETS[PROJECTED]
+    seeds, epochs, teachers = len(preset["seeds"]), preset["epochs"], args.project or preset["teachers"]
+    hint = METHODS["fitnets"].defaults["hint_epochs"]
+    steps = math.ceil(EPOCH_IMAGES / cfg.batch_size)
+    grouped = [m for m in preset["methods"] if METHODS[m].teacher == "plain" and not METHODS[m].assistant]
+    rows: list[dict[str, Any]] = []
+    ce_s = 0.0
+    for teacher in teachers:
+        work = Workload.build(teacher, args.student, args.num_classes, cfg, device, plan)
+        group = group_costs(work, grouped)
+        alone = {s["method"]: s["alone_ms_per_step"] / 1e3 for s in group["students"]}
+        data = cifar_sized(work)
+        kinds: dict[str, Timed] = {"teacher": work.fast("teacher"), "TOFD teacher": tofd_teacher(work),
+                                   "heads": work.fast("heads")}
+        assistant = default_assistant(teacher)
+        if assistant is not None:
+            taught = dataclasses.replace(work, models=dataclasses.replace(
+                work.models, student=build_model(assistant, args.num_classes)))
+            kinds["assistant"] = runs_step([in_last_phase(method_stage("kd", taught, data, cfg), cfg, device)], work)
+        names = ["tofd", *(["takd"] if assistant else []), *([] if rows else ["ce"])]
+        kinds |= {name: runs_step([in_last_phase(method_stage(name, work, data, cfg), cfg, device)], work)
+                  for name in names}
+        seconds = dict(zip(kinds, seconds_per_step(list(kinds.values()), plan, device), strict=True))
+        ce_s = seconds.pop("ce", ce_s)
+        others = sum(seconds.values()) * epochs  # teachers, heads, assistant, TAKD, TOFD: the same either way
+        separate = sum(alone.values()) * epochs + alone["fitnets"] * hint
+        together = group["group_ms_per_step"] / 1e3 * epochs + alone["fitnets"] * hint
+        rows.append({"teacher": teacher, "steps_ms": {k: round(1e3 * v, 1) for k, v in seconds.items()},
+                     "group": group, "group_speedup": group["speedup"],
+                     "hours_without_grouping": round((others + separate) * steps * seeds / 3600, 2),
+                     "hours_with_grouping": round((others + together) * steps * seeds / 3600, 2)})
+    ce_hours = ce_s * epochs * steps * seeds / 3600
+    without = sum(r["hours_without_grouping"] for r in rows) + ce_hours
+    with_groups = sum(r["hours_with_grouping"] for r in rows) + ce_hours
+    print_table(f"projection: reproduce.py --preset {PROJECTED} ({len(teachers)} of its {len(preset['teachers'])} "
+                f"teachers, {seeds} seeds, {epochs} epochs) on this device, {describe(cfg)}; hours projected from "
+                "the steps measured here (evaluation left out)",
+                ["teacher", "group speed-up", "hours without grouping", "hours with grouping"],
+                [*([r["teacher"], f"{r['group_speedup']:.2f}x", r["hours_without_grouping"],
+                    r["hours_with_grouping"]] for r in rows),
+                 ["CE (one per seed)", "", round(ce_hours, 2), round(ce_hours, 2)],
+                 ["all", "", round(without, 1), f"{with_groups:.1f} ({without / with_groups:.2f}x less time)"]])
+    return {"preset": PROJECTED, "teachers": rows, "ce_hours": round(ce_hours, 2), "hours_without_grouping":
+            round(without, 2), "hours_with_grouping": round(with_groups, 2), "ratio": round(without / with_groups, 3)}
+
+
+def tofd_teacher(work: Workload) -> Timed:
+    """The step of TOFD's teacher training (the backbone with its auxiliary classifiers, from scratch)."""
+    model = place(work.models.teacher, work.device, work.cfg.channels_last).train()
+    aux = tofd_aux_for(model, work.data.num_classes, work.data.image_size)
+    memory_format = torch.channels_last if work.cfg.channels_last else torch.preserve_format
+    stage = TOFDTeacher(model, work.models.teacher_name, aux.to(work.device, memory_format=memory_format))
+    return fast_step(stage, work.cfg), work.fast_batches()
 
 
 def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, plan: Plan) -> list[dict[str, Any]]:
@@ -696,13 +771,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
     p.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=None, metavar="METHOD",
                    help="also the student step of these methods against KD's (no names: every method but CE)")
+    p.add_argument("--project", nargs="*", choices=MODEL_NAMES, default=None, metavar="TEACHER",
+                   help=f"also the cost of reproduce.py --preset {PROJECTED} with and without grouping, from steps "
+                        "measured here (no names: all its teachers; names: only theirs)")
     p.add_argument("--group", nargs="+", action="append", choices=tuple(METHODS), metavar="METHOD",
                    help="also these students of the teacher as one group against each alone, one after another "
                         "(repeat the flag for several groups), e.g. --group kd at crd dih")
     args = p.parse_args(argv)
     args.stages = [] if args.stages == "none" else [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not set(args.stages) <= set(STAGES) or not (args.stages or args.methods is not None or args.group):
-        p.error(f"--stages must name some of {', '.join(STAGES)} (or none, with --methods or --group), got "
+    if not set(args.stages) <= set(STAGES) or not (args.stages or args.methods is not None or args.group
+                                                     or args.project is not None):
+        p.error(f"--stages must name some of {', '.join(STAGES)} (or none, with --methods, --group or --project), got "
                 f"{','.join(args.stages)!r}")
     for names in args.group or []:
         alone = [name for name in names if METHODS[name].teacher != "plain" or METHODS[name].assistant]
@@ -748,9 +827,12 @@ def main(argv: list[str] | None = None) -> int:
         extra["methods"] = method_costs(work, args.methods or [m for m in METHODS if m != "ce"])
     if args.group:
         extra["groups"] = [group_costs(work, names) for names in args.group]
+    if args.project is not None:
+        extra["projection"] = projection(args, cfg, device, plan)
     headline = next((r for r in results if r["stage"] == "dih"), results[-1] if results else {})
     failed = [r["stage"] for r in results if not r["loss_check"]["ok"]]
-    unequal = [s["method"] for group in extra.get("groups", []) for s in group["students"] if not s["ok"]]
+    groups = [*extra.get("groups", []), *(row["group"] for row in extra.get("projection", {}).get("teachers", []))]
+    unequal = [s["method"] for group in groups for s in group["students"] if not s["ok"]]
     total_s, load_after = time.perf_counter() - started, os.getloadavg()[0]
     print(f"\ntotal {total_s:.0f}s, load average {load_after:.2f}", flush=True)
     print(json.dumps({

@@ -247,12 +247,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{len(students)} students in {len(groups)} group(s); each batch is drawn once for all, each teacher "
               "runs once per batch for its group:\n" + "\n".join(f"  {describe(group)}" for group in groups))
     data = cli.load_data(args, device)
-    name = (lambda student: student.method.name) if len(students) > 1 else (lambda student: "")
+    named = len(students) > 1  # a group's log lines name their student
     runs, order = [], []
     for group in groups:
         shared = teacher_pass(group, data, device, cfg)
         for student in group:
-            runs.append(build_run(student, shared, data, device, cfg, name(student)))
+            runs.append(build_run(student, shared, data, device, cfg, student.method.name if named else ""))
             order.append(student)
     summaries = dict(zip((s.method.name for s in order), fit_group(runs, data, resume=args.resume), strict=True))
     for student in students:

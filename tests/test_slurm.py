@@ -67,7 +67,10 @@ def test_the_demo_sweep_on_slurm_keeps_the_order_gives_the_local_table_and_resub
     with pytest.raises(UserError, match="teacher res20 seed 30: sbatch failed: invalid partition specified: nope"):
         reproduce.main([*on_slurm, "--partition", "nope"])
     first = reproduce.main(on_slurm)
-    assert len(first.launched) == len(first.nodes) == 5 and first.report_job is not None
+    # teacher, heads, CE, and one job for the KD and DIH students of the teacher run
+    assert len(first.launched) == len(first.nodes) == 4 and first.report_job is not None
+    (group,) = [node for node in first.nodes if len(node.runs) > 1]
+    assert group.label == "kd dih students res8 <- res20 seed 30"
     queued = reproduce.main(on_slurm)  # at once: the runs are queued or running, none is submitted twice
     assert queued.launched == [] and queued.report_job is None and queued.jobs.items() <= first.jobs.items()
 
@@ -81,8 +84,9 @@ def test_the_demo_sweep_on_slurm_keeps_the_order_gives_the_local_table_and_resub
         log = (node.out_dir / "log.txt").read_text()
         assert jobs[node.out_dir]["JobState"] == "COMPLETED", log + (node.out_dir / "stderr.txt").read_text()
         assert f"(Slurm job {first.jobs[node.out_dir]} on " in log.splitlines()[0]
-        for dep in node.deps:  # afterok held: each run started once the runs it needs had ended
-            assert ended(jobs[dep]) <= started(jobs[node.out_dir]), f"{node.label} started before {dep.name} ended"
+        for dep in node.deps:  # afterok held: each job started once the runs it needs had ended
+            needed = next(other for other in first.nodes if dep in other.runs)
+            assert ended(jobs[needed.out_dir]) <= started(jobs[node.out_dir]), f"{node.label} started before {dep.name}"
     report = job(first.report_job)
     assert report["JobState"] == "COMPLETED"
     assert all(ended(info) <= started(report) for info in jobs.values())  # afterany held
@@ -91,12 +95,14 @@ def test_the_demo_sweep_on_slurm_keeps_the_order_gives_the_local_table_and_resub
     again = reproduce.main(on_slurm)  # all finished: nothing submitted, the table at once
     assert again.launched == [] and not again.jobs and again.table == local.table
 
-    kd = next(node for node in first.nodes if node.label.startswith("kd"))
-    (kd.out_dir / "summary.json").unlink()  # as if its node had failed: only that run goes back to the queue
+    kd, dih = group.runs
+    dih_written = (dih / "student.pt").stat().st_mtime_ns
+    (kd / "summary.json").unlink()  # as if its run had failed: only its group goes back to the queue
     redo = reproduce.main(on_slurm)
-    assert redo.launched == [kd] and list(redo.jobs) == [kd.out_dir]
+    assert redo.launched == [group] and list(redo.jobs) == [group.out_dir]
     wait_for(redo.report_job)
     assert (tmp_path / "slurm" / "res" / "demo" / "results.md").read_text() == local.table
+    assert (dih / "student.pt").stat().st_mtime_ns == dih_written  # the finished student was left alone
 
 
 @pytest.mark.parametrize("argv", [
