@@ -19,7 +19,7 @@ import train_teacher
 from utils import UserError
 
 EVERY = ["ce", "kd", "fitnets", "takd", "at", "crd", "tofd", "mhkd", "dih"]
-COMMON = ["--student", "res8", "--gpu_id", "cpu", "--batch_size", "32", "--epochs", "2", "--schedule", "1"]
+COMMON = ["--student", "res8", "--gpu_id", "cpu", "--batch_size", "16", "--epochs", "2", "--schedule", "1"]
 VARY = ("seconds", "wall_time_s")  # how long it took: the only thing a grouped run may record differently
 
 
@@ -29,9 +29,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     from data import make_synthetic, save_npz
 
     root = tmp_path_factory.mktemp("inputs")
-    x_train, y_train, x_test, y_test = make_synthetic(128, 64, seed=3)
+    x_train, y_train, x_test, y_test = make_synthetic(32, 16, seed=3)  # two batches of 16: two steps an epoch
     save_npz(root / "px16.npz", x_train[:, ::2, ::2], y_train, x_test[:, ::2, ::2], y_test)
-    data = ["--dataset", str(root / "px16.npz"), "--gpu_id", "cpu", "--batch_size", "32", "--epochs", "1"]
+    data = ["--dataset", str(root / "px16.npz"), "--gpu_id", "cpu", "--batch_size", "16", "--epochs", "1"]
     train_teacher.main(["--model", "res8", *data, "--out_dir", str(root / "teacher")])
     train_teacher.main(["--model", "res8", "--tofd", *data, "--out_dir", str(root / "tofd")])
     teacher = ["--teacher", "res8", "--teacher_ckpt", str(root / "teacher" / "teacher.pt")]

@@ -6,12 +6,14 @@ import csv
 import json
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, assert_clean_failure, run_script
 
 import reproduce
@@ -60,6 +62,18 @@ def test_graph_trains_a_shared_teacher_once_and_reruns_only_what_is_missing(tiny
     assert (kd_dir / "summary.json").exists()
     assert dih_weights.stat().st_mtime_ns == written  # a finished student of the group is not trained again
     assert f"{dih_weights.parent} is already finished" in (group.out_dir / "log.txt").read_text()
+
+    # --no_group: one process per student, the same folders, weights and table.
+    grouped = {run: torch.load(run / "student.pt", weights_only=True)["state_dict"] for run in group.runs}
+    for run in group.runs:
+        shutil.rmtree(run)
+    fourth = reproduce.main([*argv, "--no_group"])
+    assert [node.label for node in fourth.launched] == ["kd student res8 <- res8 seed 30",
+                                                        "dih student res8 <- res8 seed 30"]
+    assert all(len(node.runs) == 1 for node in fourth.nodes) and fourth.table == first.table
+    for run, weights in grouped.items():
+        alone = torch.load(run / "student.pt", weights_only=True)["state_dict"]
+        assert weights.keys() == alone.keys() and all(torch.equal(weights[k], alone[k]) for k in weights), run
 
 
 def test_every_method_of_the_comparison_runs_through_the_sweep(tmp_path):
