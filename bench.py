@@ -617,9 +617,10 @@ def projection(args: argparse.Namespace, cfg: TrainConfig, device: torch.device,
 
     preset = PRESETS[PROJECTED]
     seeds, epochs, teachers = len(preset["seeds"]), preset["epochs"], args.project or preset["teachers"]
-    hint = METHODS["fitnets"].defaults["hint_epochs"]
+    hint = METHODS["fitnets"].defaults["hint_epochs"] if "fitnets" in preset["methods"] else 0
     steps = math.ceil(EPOCH_IMAGES / cfg.batch_size)
-    grouped = [m for m in preset["methods"] if METHODS[m].teacher == "plain" and not METHODS[m].assistant]
+    specs = [METHODS[m] for m in preset["methods"]]
+    grouped = [m.name for m in specs if m.teacher == "plain" and not m.assistant]
     rows: list[dict[str, Any]] = []
     ce_s = 0.0
     for teacher in teachers:
@@ -627,21 +628,26 @@ def projection(args: argparse.Namespace, cfg: TrainConfig, device: torch.device,
         group = group_costs(work, grouped)
         alone = {s["method"]: s["alone_ms_per_step"] / 1e3 for s in group["students"]}
         data = cifar_sized(work)
-        kinds: dict[str, Timed] = {"teacher": work.fast("teacher"), "TOFD teacher": tofd_teacher(work),
-                                   "heads": work.fast("heads")}
-        assistant = default_assistant(teacher)
+        kinds: dict[str, Timed] = {"teacher": work.fast("teacher")}
+        if any(m.teacher == "tofd" for m in specs):
+            kinds["TOFD teacher"] = tofd_teacher(work)
+        if any(m.heads for m in specs):
+            kinds["heads"] = work.fast("heads")
+        assistant = default_assistant(teacher) if any(m.assistant for m in specs) else None
         if assistant is not None:
             taught = dataclasses.replace(work, models=dataclasses.replace(
                 work.models, student=build_model(assistant, args.num_classes)))
             kinds["assistant"] = runs_step([in_last_phase(method_stage("kd", taught, data, cfg), cfg, device)], work)
-        names = ["tofd", *(["takd"] if assistant else []), *([] if rows else ["ce"])]
+        names = [m.name for m in specs if m.name not in grouped and (m.teacher != "none" or not rows)
+                 and (not m.assistant or assistant is not None)]  # CE's runs serve every teacher: priced once
         kinds |= {name: runs_step([in_last_phase(method_stage(name, work, data, cfg), cfg, device)], work)
                   for name in names}
         seconds = dict(zip(kinds, seconds_per_step(list(kinds.values()), plan, device), strict=True))
         ce_s = seconds.pop("ce", ce_s)
         others = sum(seconds.values()) * epochs  # teachers, heads, assistant, TAKD, TOFD: the same either way
-        separate = sum(alone.values()) * epochs + alone["fitnets"] * hint
-        together = group["group_ms_per_step"] / 1e3 * epochs + alone["fitnets"] * hint
+        hinting = alone.get("fitnets", 0.0) * hint
+        separate = sum(alone.values()) * epochs + hinting
+        together = group["group_ms_per_step"] / 1e3 * epochs + hinting
         rows.append({"teacher": teacher, "steps_ms": {k: round(1e3 * v, 1) for k, v in seconds.items()},
                      "group": group, "group_speedup": group["speedup"],
                      "hours_without_grouping": round((others + separate) * steps * seeds / 3600, 2),
