@@ -4,11 +4,14 @@
     python3 bench.py --gpu_id cpu --quick      # the same with few steps: under 3 minutes on a 2-core CPU
     python3 bench.py --growth                  # + epoch time for teachers res20/56/110 at batch 64/128/256
     python3 bench.py --ablation                # + the fast path with one optimisation flipped at a time
+    python3 bench.py --stages none --group kd at crd dih  # students of one teacher as a group, against each alone
+    python3 bench.py --stages none --project   # reproduce.py --preset paper-cifar100's cost with and without groups
 
 Both paths train copies of the same randomly initialised models on the same random CIFAR-shaped uint8 images;
 the arithmetic of a step does not depend on the weights, so random teacher and heads are enough for timing.
 The fast path is the project's own code: a `DeviceDataset` with `data.train_batches`, the stages of
-`stages.py`, and `engine.make_train_step` with the `TrainConfig` the stage scripts would build for these flags.
+`stages.py`, and the engine's step (`engine.GroupStep` on a `Run`: the teacher's shared pass, then the train step)
+with the `TrainConfig` the stage scripts would build for these flags.
 The conventional path, written below as the foil, is how most KD code trains: a torchvision DataLoader with
 per-image PIL transforms, fp32, eager, NCHW, the frozen teacher and each head called as separate modules
 under no_grad, the loss summed over the cohort in a Python loop, `loss.item()` every step.
@@ -18,6 +21,7 @@ Before timing, the two paths of each stage compute the loss of one un-augmented 
 `--steps` steps each, after `--warmup` steps, with the device synchronised before the clock is read; the paths
 compared (fast and conventional, or an ablation's two variants) take turns, repeat by repeat, so that a change
 of load on a shared machine hits both alike.
+A group's students must have the same losses as each alone (bit for bit on the CPU) or the script exits 1.
 The last line printed is one JSON object for the DIH stage (or the last stage measured).
 """
 
