@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from conftest import ROOT, assert_clean_failure, run_script
 import test_dih
 import train_heads
 import train_teacher
+from methods import TeacherPass
 from utils import UserError
 
 EVERY = ["ce", "kd", "fitnets", "takd", "at", "crd", "tofd", "mhkd", "dih"]
@@ -108,7 +110,13 @@ def test_every_method_in_one_group_command_is_bit_identical_to_its_own_run(input
     """All nine methods in one command: one teacher pass for the six the teacher itself teaches, TOFD's and TAKD's
     teachers each their own, CE none; every folder (name and files) is the solo run's."""
     monkeypatch.chdir(tmp_path)
+    passes: Counter[int] = Counter()
+    real_pass = TeacherPass.__call__
+    monkeypatch.setattr(TeacherPass, "__call__", lambda self, *a: passes.update([id(self)]) or real_pass(self, *a))
     summaries = test_dih.main(["--method", *EVERY, *group_flags(inputs)])
+    # Two batches an epoch: TAKD's and TOFD's teachers ran once per batch for 2 epochs, the shared teacher once per
+    # batch for its six students' 2 epochs and FitNets' third (its hint epoch came first).
+    assert sorted(passes.values()) == [4, 4, 6]
     out = capsys.readouterr().out
     assert "9 students in 4 group(s)" in out
     assert "  kd fitnets at crd mhkd dih <- teacher res8 (" in out and "  takd <- assistant res14 (" in out
@@ -155,7 +163,8 @@ def run_killing(script: Path, trace: Path, kill_at: str, argv: list[str], cwd: P
     """Run test_dih.py's main with `argv`, SIGKILLed right after the checkpoint `kill_at` ("kd 2": KD's, epoch 2)
     is written; the lines of the trace it left (each checkpoint written, each run finished)."""
     trace.write_text("")
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+    # The threads of this process, where the solo runs trained: the same sums, the same bits.
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads()), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, str(script), str(trace), kill_at, *argv], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == (-9 if kill_at else 0), result.stderr
