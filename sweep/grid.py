@@ -15,12 +15,16 @@ from methods.takd import default_assistant
 from models import MODEL_NAMES
 from utils import UserError, parse_schedule
 
-METHODS = tuple(REGISTRY)  # every method of the paper's comparison, in its table's order
+METHODS = tuple(REGISTRY)  # every method: the paper's comparison in its table's order, then DKD
+PAPER_METHODS = [m for m in METHODS if m != "dkd"]  # the DIH paper's comparison (DKD came after it)
+# The methods whose KD term is on by default: --alpha and --temperature apply to them (AT and CRD keep α = 0;
+# DKD's α and T are its own terms').
+KD_FAMILY = ("kd", "fitnets", "takd", "mhkd", "dih")
 
 # SPEC section 1 (the original's Table 2): the same optimiser settings for every stage and every method
 # (BASELINES.md, ground rule 1); each method's own hyper-parameters are its defaults (methods/).
 PAPER = {
-    "students": ["res8"], "methods": list(METHODS), "seeds": [30, 50, 67], "epochs": 200, "batch_size": 64,
+    "students": ["res8"], "methods": PAPER_METHODS, "seeds": [30, 50, 67], "epochs": 200, "batch_size": 64,
     "lr": 0.1, "momentum": 0.9, "wd": 5e-4, "nesterov": True, "schedule": [60, 120, 180], "gamma": 0.1,
 }
 # Table 1's teachers (SPEC section 1). ResNet-8 is among its CIFAR ResNets, but it is the student here:
@@ -92,7 +96,7 @@ class Sweep:
         keep α = 0, the setting their baseline stands for.
         """
         hyper = dict(REGISTRY[method].defaults)
-        if hyper.get("alpha", 0) > 0:
+        if method in KD_FAMILY:
             for key in ("alpha", "temperature"):
                 if getattr(self, key) is not None:
                     hyper[key] = getattr(self, key)
@@ -118,7 +122,7 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_url", help="a mirror of the dataset's archive, for every stage run (default: the official)")
     p.add_argument("--teachers", nargs="+", help=f"teacher models, of {', '.join(MODEL_NAMES)}")
     p.add_argument("--students", nargs="+", help="student models (default res8)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: the paper's, {' '.join(PAPER_METHODS)}")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 30 50 67, the paper's")
     p.add_argument("--epochs", type=int, help="epochs of each student run, and of the other stages unless set")
     p.add_argument("--teacher_epochs", type=int, help="epochs of each teacher run (default: --epochs)")
