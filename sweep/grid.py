@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pair_hyper": {"res56:res20": {"dkd": {"beta": 2.0}}, "res110:res20": {"dkd": {"beta": 2.0}},
                        "res110:res32": {"dkd": {"beta": 2.0}}, "vgg13:vgg8": {"dkd": {"beta": 6.0}},
                        "wrn_40_2:wrn_16_2": {"dkd": {"beta": 6.0}}, "wrn_40_2:wrn_40_1": {"dkd": {"beta": 6.0}}},
-        "published": Path(__file__).parent / "published" / "repdistiller_cifar100.csv",
+        "published": Path(__file__).resolve().parent / "published" / "repdistiller_cifar100.csv",
     },
 }
 # Without a preset: the paper's settings on CIFAR-100, for the teachers named by --teachers.

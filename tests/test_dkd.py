@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_import import repdistiller_checkpoint
 
 import test_dih
+import train_teacher
 from data import Batch, from_arrays
 from methods import METHODS, Setup
 from methods.dkd import dkd_loss, warmup_weight
@@ -94,3 +97,22 @@ def test_dkd_flags_belong_to_dkd_only():
         test_dih.main(["--method", "kd", "--warmup", "5", "--dataset", "synthetic"])
     with pytest.raises(UserError, match="--warmup must be at least 1"):
         test_dih.main(["--method", "dkd", "--warmup", "0", "--dataset", "synthetic"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run by make gpu-check")
+def test_the_warmup_reaches_a_graphed_step_on_cuda(tiny_npz, tmp_path):
+    """Through the warm-up (weights 1/3, 2/3, 1), each epoch's loss with CUDA graphs as eager gives it: the weight
+    is a device tensor updated in place, which a replayed graph reads. The teacher: a RepDistiller checkpoint
+    imported on the GPU."""
+    checkpoint = tmp_path / "resnet8.pth"
+    repdistiller_checkpoint(checkpoint, "resnet8", 10)
+    common = ["--dataset", str(tiny_npz), "--gpu_id", "0", "--amp", "off"]
+    train_teacher.main(["--model", "res8", "--import", str(checkpoint), *common, "--out_dir", str(tmp_path / "t")])
+    runs = {}
+    for mode in ("graphs", "off"):
+        test_dih.main(["--method", "dkd", "--student", "res8", "--teacher", "res8", "--teacher_ckpt",
+                       str(tmp_path / "t" / "teacher.pt"), "--warmup", "3", "--epochs", "3", "--batch_size", "100",
+                       "--compile", mode, *common, "--out_dir", str(tmp_path / mode)])
+        runs[mode] = [json.loads(line)["train_loss"] for line in (tmp_path / mode / "metrics.jsonl").open()]
+    assert runs["graphs"] == pytest.approx(runs["off"], rel=1e-3)
