@@ -342,6 +342,12 @@ def fit(
     return _finish(out_dir, stage, data, cfg, phases, history, args)
 
 
+def evaluate(stage: Stage, data: DeviceDataset, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
+    """Per named classifier of `stage`: (mean cross-entropy, accuracy in percent) on the test set, as each epoch
+    reports them (an imported teacher is measured so on load)."""
+    return _evaluate(stage, stage.evaluate, data, cfg)
+
+
 def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: TrainConfig) -> dict:
     """Per named classifier: (mean cross-entropy, accuracy in percent) over the test set."""
     stage.trainable.eval()

@@ -5,6 +5,7 @@
     python reproduce.py --preset paper-cifar100 --slurm --partition gpu  # one Slurm job per stage run
     python reproduce.py --preset paper-cifar100 --report_only           # the table so far, of a sweep under way
     python reproduce.py --preset paper-cifar10 --dry_run                # the stage commands, by dependency level
+    python reproduce.py --preset repdistiller-cifar100 --import_teachers save/models  # RepDistiller's benchmark
 
 The sweep is a dependency graph of stage runs: each teacher is trained once per seed, its heads once,
 then every student (the CE baseline needs no teacher, so one CE run per student and seed serves every
@@ -34,7 +35,8 @@ SLURM_FLAGS = ("partition", "account", "time", "gpus_per_job", "sbatch_args")
 
 
 def build_parser() -> cli.Parser:
-    presets = "; ".join(f"{name}: {grid['dataset']}, teachers {' '.join(grid['teachers'])}"
+    presets = "; ".join(f"{name}: {grid['dataset']}, " + (f"teachers {' '.join(grid['teachers'])}" if "teachers" in grid
+                                                          else f"pairs {' '.join(map(':'.join, grid['pairs']))}")
                         for name, grid in PRESETS.items())
     p = cli.Parser(description=__doc__.splitlines()[0],
                    epilog=f"Presets: {presets}. Flags override the preset's values; without a preset, the paper's.")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> Outcome:
         if outcome.jobs:  # on Slurm, with runs still to come: the report job writes the table after them
             return outcome
     outcome.table = report(sweep)
-    files = "results.md results.csv curves.png bars.png gap.png"
+    files = "results.md results.csv curves.png bars.png gap.png" + (" literature.csv" if sweep.published else "")
     print(f"\n{outcome.table}\nwritten to {sweep.results_dir / sweep.name}: {files}")
     if outcome.failed or outcome.skipped:
         print(f"{len(outcome.failed)} stage run(s) failed and {len(outcome.skipped)} were skipped (see above); "

@@ -31,10 +31,11 @@ class Hyper:
 
 
 HYPERS: dict[str, Hyper] = {
-    "alpha": Hyper(float, "weight of the KD term", lambda v: 0 <= v <= 1, "in [0, 1]", "a"),
+    "alpha": Hyper(float, "weight of the KD term (DKD: of its target-class term)", lambda v: 0 <= v <= 1,
+                   "in [0, 1]", "a"),
     "temperature": Hyper(float, "softmax temperature of the KD term", lambda v: v > 0, "positive", "t"),
-    "beta": Hyper(float, "weight of the method's own term (feature, attention, contrastive, head KD)",
-                  lambda v: v >= 0, "non-negative", "b"),
+    "beta": Hyper(float, "weight of the method's own term (feature, attention, contrastive, head KD; DKD: its "
+                         "non-target-class term)", lambda v: v >= 0, "non-negative", "b"),
     "cohort_reduction": Hyper(str, "sum the DIH loss over the cohort (the paper's code) or average it",
                               lambda v: v in ("sum", "mean"), "sum or mean"),
     "hint_epochs": Hyper(int, "epochs of FitNets' hint phase", lambda v: v >= 1, "at least 1", "h"),
@@ -43,6 +44,8 @@ HYPERS: dict[str, Hyper] = {
     "nce_m": Hyper(float, "CRD: momentum of the memory banks", lambda v: 0 <= v < 1, "in [0, 1)"),
     "feat_dim": Hyper(int, "CRD: width of the embeddings", lambda v: v >= 1, "at least 1"),
     "orth": Hyper(float, "TOFD: weight of the links' orthogonality term", lambda v: v >= 0, "non-negative"),
+    "warmup": Hyper(int, "DKD: epochs over which its distillation terms ramp up (weight min(e/warmup, 1) at epoch e)",
+                    lambda v: v >= 1, "at least 1"),
     "detach": Hyper(bool, "MHKD: detach the teacher heads' logits in the KD terms (off: the original code)"),
 }
 

@@ -53,23 +53,24 @@ class Outcome:
 def build_graph(sweep: Sweep) -> list[Node]:
     """Every stage run of the sweep, once each, in dependency order.
 
-    Teachers first (plain, and TOFD's variant where the sweep has TOFD), then what is trained on a teacher and
-    shared by students (DIH's heads, TAKD's assistant), then every student. What a student method needs is
-    read from its `Method` record, so a new method needs no change here.
+    Teachers first (plain, or imported from --import_teachers; and TOFD's variant where the sweep has TOFD), then
+    what is trained on a teacher and shared by students (DIH's heads, TAKD's assistant), then every student. What a
+    student method needs is read from its `Method` record, so a new method needs no change here.
     """
     nodes: dict[Path, Node] = {}
     methods = [REGISTRY[m] for m in sweep.methods]
 
-    def add(label: str, script: str, out_dir: Path, epochs: int, seed: int, flags: list[str], deps: list[Path],
-            expect: dict[str, Any]) -> None:
-        argv = [sys.executable, str(ROOT / script), *flags, *stage_flags(sweep, epochs, seed), "--out_dir",
-                str(out_dir), "--resume"]
-        expect = {**expect, **hyper_parameters(sweep, epochs, seed)}
+    def add(label: str, script: str, out_dir: Path, epochs: int | None, seed: int, flags: list[str],
+            deps: list[Path], expect: dict[str, Any]) -> None:
+        """A run of `script`; `epochs=None`: an import, which takes no training flags and records no recipe."""
+        common = stage_flags(sweep, epochs, seed) if epochs else data_flags(sweep, seed)
+        argv = [sys.executable, str(ROOT / script), *flags, *common, "--out_dir", str(out_dir), "--resume"]
+        expect = {**expect, **(hyper_parameters(sweep, epochs, seed) if epochs else {"seed": seed})}
         nodes.setdefault(out_dir, Node(label, out_dir, argv, deps, expect))
 
     def add_student(student: str, method: str, teacher: str, seed: int, extra: list[str], deps: list[Path],
                     expect: dict[str, Any]) -> None:
-        hyper = sweep.hyper(method)
+        hyper = sweep.hyper(method, teacher, student)
         name = f"{method} student {student}" + (f" <- {teacher}" if REGISTRY[method].teacher != "none" else "")
         add(f"{name} seed {seed}", "test_dih.py", sweep.student_dir(student, method, teacher, seed), sweep.epochs,
             seed, ["--student", student, "--method", method, *extra, *hyper_flags(hyper)], deps,
@@ -80,6 +81,12 @@ def build_graph(sweep: Sweep) -> list[Node]:
         for teacher in sweep.teachers:
             for seed in sweep.seeds:
                 tofd = variant == "tofd"
+                source = None if tofd else sweep.import_file(teacher)
+                if source is not None:  # a TOFD teacher is always trained: its classifiers are part of it
+                    add(f"teacher {teacher} seed {seed} (imported)", "train_teacher.py",
+                        sweep.teacher_dir(teacher, seed), None, seed, ["--model", teacher, "--import", str(source)],
+                        [], {"stage": "teacher", "model": teacher, "imported_file": str(source)})
+                    continue
                 add(f"{'TOFD ' if tofd else ''}teacher {teacher} seed {seed}", "train_teacher.py",
                     sweep.teacher_dir(teacher, seed, variant), sweep.teacher_epochs, seed,
                     ["--model", teacher, *(["--tofd"] if tofd else [])], [],
@@ -96,7 +103,7 @@ def build_graph(sweep: Sweep) -> list[Node]:
                 add_student(ta, "kd", teacher, seed, uses_teacher, [teacher_dir], {"teacher": teacher})
     for student in sweep.students:
         for method in methods:
-            for teacher in sweep.teachers:  # a CE student's folder names no teacher: `add` keeps one node
+            for teacher in sweep.teachers_of(student):  # a CE student's folder names no teacher: `add` keeps one node
                 for seed in sweep.seeds:
                     if method.teacher == "none":
                         add_student(student, method.name, teacher, seed, [], [], {"teacher": None})
@@ -130,14 +137,19 @@ def hyper_flags(hyper: dict[str, Any]) -> list[str]:
     return flags
 
 
+def data_flags(sweep: Sweep, seed: int) -> list[str]:
+    """The data and the seed: all an imported teacher's run takes."""
+    return ["--dataset", sweep.dataset, "--data_dir", sweep.data_dir, "--seed", str(seed),
+            *(["--data_url", sweep.data_url] if sweep.data_url else [])]
+
+
 def stage_flags(sweep: Sweep, epochs: int, seed: int) -> list[str]:
     """The flags every stage script takes, spelled out so that each command stands on its own."""
     return [
-        "--dataset", sweep.dataset, "--data_dir", sweep.data_dir, "--seed", str(seed), "--epochs", str(epochs),
+        *data_flags(sweep, seed), "--epochs", str(epochs),
         "--batch_size", str(sweep.batch_size), "--lr", str(sweep.lr), "--momentum", str(sweep.momentum),
         "--wd", str(sweep.wd), "--nesterov" if sweep.nesterov else "--no-nesterov",
         "--schedule", *schedule_tokens(sweep.schedule), "--gamma", str(sweep.gamma),
-        *(["--data_url", sweep.data_url] if sweep.data_url else []),
     ]
 
 

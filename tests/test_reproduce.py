@@ -16,7 +16,7 @@ from conftest import ROOT, assert_clean_failure, run_script
 
 import reproduce
 from sweep.graph import build_graph, is_finished
-from sweep.grid import METHODS, Sweep, grid_flags, make_sweep
+from sweep.grid import PAPER_METHODS, Sweep, grid_flags, make_sweep
 from sweep.local import exclusive, execute
 from sweep.report import aggregate, report
 from utils import UserError
@@ -69,9 +69,9 @@ def test_every_method_of_the_comparison_runs_through_the_sweep(tmp_path):
     labels = [node.label for node in outcome.launched]
     shared = ["teacher res20 seed 30", "TOFD teacher res20 seed 30", "heads res20 seed 30",
               "kd student res14 <- res20 seed 30"]  # the last: TAKD's assistant
-    assert set(shared) <= set(labels) and len(labels) == len(set(labels)) == len(shared) + len(METHODS)
+    assert set(shared) <= set(labels) and len(labels) == len(set(labels)) == len(shared) + len(PAPER_METHODS)
     rows = aggregate(sweep_of(argv))
-    for method in METHODS:
+    for method in PAPER_METHODS:
         column = {"fitnets": "FitNets"}.get(method, method.upper())
         assert rows[0][column].n == 1, column
     takd = json.loads((tmp_path / "runs" / "tiny" / "student-res8-takd-res20-ta-res14-a0.1-t5-seed30"
@@ -84,7 +84,7 @@ def test_paper_preset_lists_every_method_for_its_teachers():
     result = run_script("reproduce.py", "--preset", "paper-cifar100", "--dry_run")
     assert result.returncode == 0, result.stderr
     methods = re.findall(r"--student (\S+) --method (\S+)", result.stdout)
-    count = {method: sum(1 for s, m in methods if m == method and s == "res8") for method in METHODS}
+    count = {method: sum(1 for s, m in methods if m == method and s == "res8") for method in PAPER_METHODS}
     teachers, seeds = 9, 3
     assert count.pop("ce") == seeds  # one CE run per seed serves every teacher's row
     assert count.pop("takd") == (teachers - 1) * seeds  # no assistant is defined for res14
