@@ -13,6 +13,7 @@ from engine import fit
 from heads import tofd_aux_for
 from methods.tofd import VARIANT, TOFDTeacher
 from models import MODEL_NAMES
+from runlock import run_folder
 from stages import TeacherTraining
 
 
@@ -27,20 +28,22 @@ def main(argv: list[str] | None = None) -> dict:
     args, device, cfg = cli.parse(parser, argv)
     out_dir = cli.run_dir(args, f"teacher-{args.model}" + (f"-{VARIANT}" if args.tofd else ""))
 
-    data = cli.load_data(args, device)
-    torch.manual_seed(args.seed)
-    model = cli.build(args.model, data.num_classes, device, cfg.channels_last, data.image_size)
-    if args.summary:
-        cli.print_model_summary(model, device, data.image_size)
-    if args.tofd:
-        aux = tofd_aux_for(model, data.num_classes, data.image_size)
-        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-        stage = TOFDTeacher(model, args.model, aux.to(device, memory_format=memory_format))
-    else:
-        stage = TeacherTraining(model, args.model)
-    print(f"stage 1: {args.model}{' (TOFD)' if args.tofd else ''} on {data.name} ({data.num_classes} classes) on "
-          f"{device} -> {out_dir}")
-    summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
+    with run_folder(out_dir):  # one writer per run folder, from before its data is loaded to its end
+        cfg = cli.keep_layout(cfg, out_dir, args.resume)
+        data = cli.load_data(args, device)
+        torch.manual_seed(args.seed)
+        model = cli.build(args.model, data.num_classes, device, cfg.channels_last, data.image_size)
+        if args.summary:
+            cli.print_model_summary(model, device, data.image_size)
+        if args.tofd:
+            aux = tofd_aux_for(model, data.num_classes, data.image_size)
+            memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+            stage = TOFDTeacher(model, args.model, aux.to(device, memory_format=memory_format))
+        else:
+            stage = TeacherTraining(model, args.model)
+        print(f"stage 1: {args.model}{' (TOFD)' if args.tofd else ''} on {data.name} ({data.num_classes} classes) on "
+              f"{device} -> {out_dir}")
+        summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
     for aux_summary in summary.get("aux_classifiers", []):
         print(f"auxiliary classifier on {aux_summary['tap']}: final test accuracy {aux_summary['final_test_acc']:.2f}%")
     print(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch {summary['best_epoch']}: "
