@@ -46,6 +46,8 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
 def check_writable_dir(folder: Path, flag: str) -> None:
     """Create `folder` if need be and write (then remove) a file in it: an unusable folder is refused up front
     rather than after the work whose results it should hold."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder: choose another {flag}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:

@@ -33,6 +33,17 @@ def tiny_npz(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def res8_teacher(tiny_npz, tmp_path_factory) -> Path:
+    """A res8 teacher trained for one epoch on `tiny_npz`: for tests that need some trained teacher file."""
+    import train_teacher
+
+    out = tmp_path_factory.mktemp("res8_teacher")
+    train_teacher.main(["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "1", "--out_dir", str(out),
+                        "--gpu_id", "cpu"])
+    return out / "teacher.pt"
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

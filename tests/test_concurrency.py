@@ -175,7 +175,7 @@ def test_concurrent_first_runs_fetch_and_decode_a_dataset_once(tmp_path, countin
     processes = [subprocess.Popen([sys.executable, "-c", DOWNLOADER, json.dumps(spec), str(i)], cwd=ROOT, env=ENV,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
     outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (out, err) in zip(processes, outputs, strict=True):
+    for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err
     assert counts == {f"/{cifar.archive}": 1, f"/{tiny_zip.name}": 1}
     digests = [sorted(line for line in out.splitlines() if line.startswith(("cifar10 ", "tinyimagenet ")))
