@@ -72,9 +72,9 @@ class CountingHandler(QuietHandler):
 
 @pytest.fixture
 def counting_http_server(tmp_path):
-    """Serve tmp_path/serve on 127.0.0.1 slowly (0.5 s a request); yields the base URL and the GET counts by path."""
+    """Serve tmp_path/serve on 127.0.0.1 slowly (0.2 s a request); yields the base URL and the GET counts by path."""
     counts: Counter = Counter()
-    handler = partial(CountingHandler, counts=counts, lock=threading.Lock(), delay=0.5)
+    handler = partial(CountingHandler, counts=counts, lock=threading.Lock(), delay=0.2)
     with serving(tmp_path / "serve", handler) as (url, _):
         yield url, counts
 

@@ -58,14 +58,14 @@ def test_a_run_folder_has_one_writer_and_a_killed_writer_lets_go(tiny_npz, tmp_p
     """While a run trains, a second process aimed at its folder (with or without --resume) is refused in one line
     naming the holder, and changes nothing; after kill -9 of the holder, --resume takes the folder over and ends
     bit-identical to an undisturbed run."""
-    flags = ["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "4", "--schedule", "2", *FAST]
+    flags = ["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "3", "--schedule", "2", *FAST]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train_teacher.main([*flags, "--out_dir", str(whole)])
     holder = subprocess.Popen([sys.executable, str(ROOT / "train_teacher.py"), *flags, "--out_dir", str(cut)],
                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: epochs_on_disk(cut) >= 1, "the first epoch")
-        holder.send_signal(signal.SIGSTOP)  # holds its lock, writes nothing while the others try
+        holder.send_signal(signal.SIGSTOP)  # mid-run: it holds its lock, and writes nothing while the others try
         before = files(cut)
         assert holder_pid(cut) == holder.pid
         who = f"PID {holder.pid} on {socket.gethostname()}"
@@ -73,15 +73,11 @@ def test_a_run_folder_has_one_writer_and_a_killed_writer_lets_go(tiny_npz, tmp_p
         with pytest.raises(UserError, match=f"is in use by {who}"):
             train_teacher.main([*flags, "--out_dir", str(cut)])
         assert files(cut) == before
-        holder.send_signal(signal.SIGCONT)
-        wait_until(lambda: epochs_on_disk(cut) >= 2, "the second epoch")
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     finally:
-        holder.kill()
+        holder.kill()  # kill -9
         holder.wait()
     assert not (cut / "summary.json").exists(), "the holder was not interrupted"
-    assert holder_pid(cut) == holder.pid  # its lock file stays behind, the lock itself is gone with it
+    assert holder_pid(cut) == holder.pid  # its lock file stays behind; the lock itself went with the process
 
     train_teacher.main([*flags, "--out_dir", str(cut), "--resume"])
     assert same_weights(whole / "teacher.pt", cut / "teacher.pt")
