@@ -18,6 +18,7 @@ import torch
 
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
 from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_dataset
+from data.base import one_line
 from engine import EXTRAS_FILE, RESUME_FILE, TrainConfig
 from heads import IntermediateHeads
 from models import TapModel, build_model
@@ -213,8 +214,8 @@ def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "reru
     except (MemoryError, RuntimeError) as err:
         if not host_out_of_memory(err):
             raise
-        print(f"{name}: error: out of host memory ({str(err).strip().splitlines()[0][:200]}); try a smaller "
-              "--batch_size or free some memory", file=sys.stderr)
+        print(f"{name}: error: out of host memory ({one_line(err)[:200]}); try a smaller --batch_size or free some "
+              "memory", file=sys.stderr)
         sys.exit(2)
 
 

@@ -414,8 +414,8 @@ def _restore(path: Path, stage: Stage, generator, args: dict[str, Any], cfg: Tra
         raise UserError(f"--resume: this run trained in {precision[ckpt['amp']]}, but here --amp {args.get('amp')} "
                         f"gives {precision[cfg.amp]}; resume with --amp {'on' if ckpt['amp'] else 'off'}")
     if ckpt.get("channels_last", cfg.channels_last) != cfg.channels_last:
-        raise UserError(f"--resume: this run trained with channels_last={ckpt['channels_last']}, but here it is "
-                        f"{cfg.channels_last}; results would no longer be those of one run")
+        raise UserError(f"--resume: this run trained with channels_last={ckpt['channels_last']}, but this config "
+                        f"has {cfg.channels_last}; resume in the layout it started with (cli.keep_layout gives it)")
     _check_arguments(ckpt["args"], args)
     now = stage.provenance()
     for role, then in ckpt.get("provenance", {}).items():  # (checkpoints before this check did not record it)

@@ -115,8 +115,9 @@ def hold(path: Path, wait: Callable[[str], None] | None = None) -> Iterator[None
         yield
     finally:
         _HELD.discard(key)
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still locked: a process waiting on this file then locks a new one
+        if _same_file(fd, path):  # (unless someone deleted it meanwhile, and another process made a new one)
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still locked: a process waiting on this file then locks a new one
         os.close(fd)  # drops the lock
 
 

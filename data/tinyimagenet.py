@@ -68,7 +68,6 @@ class TinyImageNetSource:
         return HostData(self.name, len(wnids), arrays["x_train"], arrays["y_train"], arrays["x_test"],
                         arrays["y_test"], self.mean, self.std)
 
-
     def _cached(self, data_dir: Path, report: bool) -> tuple[dict[str, np.ndarray], list[str]] | None:
         """The cache's arrays and wnids; None if there is none or it must be rebuilt (`report`: say why)."""
         path = self.cache_path(data_dir)

@@ -62,7 +62,7 @@ def execute(
                 elif free and all(dep in done for dep in node.deps):
                     pending.remove(node)
                     slot = free.pop(0)
-                    with signals_deferred():  # a stage run is stopped on SIGINT/SIGTERM only once it is listed
+                    with signals_deferred():  # a run is listed (to be stopped on SIGINT/SIGTERM) as it starts
                         running[slot] = (node, *launch(node, slots[slot], env), time.perf_counter())
                     outcome.launched.append(node)
                     device = f" on GPU {slots[slot]}" if slots[slot] is not None else ""
@@ -85,7 +85,8 @@ def execute(
                     for line in stderr_tail(node.out_dir / "stderr.txt", err_offset):
                         log(f"       | {line}")
     finally:  # interrupted (SIGINT, SIGTERM, an error): leave no stage run writing into a run folder
-        stop([process for _, process, _, _ in running.values()])
+        with signals_deferred():  # a second Ctrl-C waits until they are all stopped
+            stop([process for _, process, _, _ in running.values()])
     return outcome
 
 
