@@ -92,7 +92,8 @@ def hold(path: Path, wait: Callable[[str], None] | None = None) -> Iterator[None
             except OSError as err:
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
                     raise UserError(f"cannot lock {path} ({_reason(err)}): its file system does not support POSIX "
-                                    "locks (NFSv3 needs its lock daemon, Lustre the flock mount option)") from None
+                                    "locks (NFSv3 needs its lock daemon, Lustre the flock mount option); use a "
+                                    "folder on one that does") from None
                 if wait is None:
                     raise Busy(path, _holder(fd)) from None
                 wait(_holder(fd))

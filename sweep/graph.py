@@ -211,7 +211,8 @@ def dataset_name(path: Path) -> str:
     try:
         stat = path.stat()
     except OSError:
-        raise UserError(f"--dataset {path}: no such file; the sweep's runs cannot be checked against it") from None
+        raise UserError(f"--dataset {path}: no such file, so the sweep's runs cannot be checked against it; pass "
+                        "the npz they were trained on") from None
     return _hashed_name(path, stat.st_size, stat.st_mtime_ns)
 
 
