@@ -34,12 +34,21 @@ def tiny_npz(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def res8_teacher(tiny_npz, tmp_path_factory) -> Path:
-    """A res8 teacher trained for one epoch on `tiny_npz`: for tests that need some trained teacher file."""
+def micro_npz(tmp_path_factory) -> Path:
+    """64 training and 32 test images of the synthetic set: one batch an epoch, for tests of what runs do around
+    training (checks, files, resumption) rather than of training itself."""
+    path = tmp_path_factory.mktemp("data") / "micro.npz"
+    save_npz(path, *make_synthetic(64, 32, seed=0))
+    return path
+
+
+@pytest.fixture(scope="session")
+def res8_teacher(micro_npz, tmp_path_factory) -> Path:
+    """A res8 teacher trained for one epoch on `micro_npz`: for tests that need some trained teacher file."""
     import train_teacher
 
     out = tmp_path_factory.mktemp("res8_teacher")
-    train_teacher.main(["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "1", "--out_dir", str(out),
+    train_teacher.main(["--model", "res8", "--dataset", str(micro_npz), "--epochs", "1", "--out_dir", str(out),
                         "--gpu_id", "cpu"])
     return out / "teacher.pt"
 

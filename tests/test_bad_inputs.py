@@ -88,11 +88,11 @@ def test_a_read_only_or_full_file_system_is_refused_before_any_data(tmp_path, op
     assert_clean_failure(result, f"--out_dir {out} {failure}")
 
 
-def test_a_write_error_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_npz, tmp_path, monkeypatch):
+def test_a_write_error_mid_run_is_one_line_and_keeps_the_last_checkpoint(micro_npz, tmp_path, monkeypatch):
     """From the second epoch on, no file may grow past 64 kB (a disk filling up): the second checkpoint fails,
     the first stays as it was, and --resume later finishes the run."""
     out = tmp_path / "run"
-    flags = ["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "2", "--out_dir", str(out), *FAST]
+    flags = ["--model", "res8", "--dataset", str(micro_npz), "--epochs", "2", "--out_dir", str(out), *FAST]
     save, saves = engine._save_progress, []
 
     def disk_fills_after_the_first(*args):
@@ -148,11 +148,11 @@ def test_a_sweep_with_an_unusable_folder_is_refused_before_anything_runs(tiny_np
 
 
 @pytest.mark.parametrize("flag", ["--nce_k", "--feat_dim"])
-def test_crd_sizes_that_cannot_fit_are_refused_before_allocating(tiny_npz, res8_teacher, tmp_path, flag):
+def test_crd_sizes_that_cannot_fit_are_refused_before_allocating(micro_npz, res8_teacher, tmp_path, flag):
     out = tmp_path / "crd"
     with pytest.raises(UserError, match=f"{flag} 100000000000\\b.*: CRD needs at least .* GB .* available; lower"):
         test_dih.main(["--method", "crd", "--teacher", "res8", "--teacher_ckpt", str(res8_teacher), "--dataset",
-                       str(tiny_npz), "--epochs", "1", "--out_dir", str(out), flag, "100000000000", *FAST])
+                       str(micro_npz), "--epochs", "1", "--out_dir", str(out), flag, "100000000000", *FAST])
     assert not out.exists()
 
 

@@ -24,10 +24,10 @@ FAST = ["--gpu_id", "cpu", "--batch_size", "64"]
 
 
 @pytest.fixture(scope="module")
-def networks(tiny_npz, res8_teacher, tmp_path_factory) -> dict[str, Path]:
+def networks(micro_npz, res8_teacher, tmp_path_factory) -> dict[str, Path]:
     """A teacher, heads on it and a KD student of it (an assistant), each also as a "retrained" copy."""
     root = tmp_path_factory.mktemp("networks")
-    common = ["--teacher", "res8", "--teacher_ckpt", str(res8_teacher), "--dataset", str(tiny_npz), "--epochs", "1",
+    common = ["--teacher", "res8", "--teacher_ckpt", str(res8_teacher), "--dataset", str(micro_npz), "--epochs", "1",
               *FAST]
     train_heads.main([*common, "--out_dir", str(root / "heads")])
     test_dih.main(["--method", "kd", "--student", "res14", *common, "--out_dir", str(root / "ta")])
@@ -55,13 +55,13 @@ def interrupted(out: Path) -> None:
 @pytest.mark.parametrize(("method", "role", "flag"), [("kd", "teacher", "--teacher_ckpt"),
                                                       ("dih", "heads", "--heads_ckpt"),
                                                       ("takd", "assistant", "--ta_ckpt")])
-def test_resume_refuses_a_network_changed_on_disk(networks, tiny_npz, tmp_path, method, role, flag):
+def test_resume_refuses_a_network_changed_on_disk(networks, micro_npz, tmp_path, method, role, flag):
     """The teacher, heads or assistant a run started from, retrained in place: --resume refuses in one line
     rather than finish the run as a mixture of two."""
     file = tmp_path / "input" / networks[role].name
     file.parent.mkdir()
     shutil.copy(networks[role], file)
-    argv = ["--method", method, "--teacher", "res8", "--dataset", str(tiny_npz), "--epochs", "1",
+    argv = ["--method", method, "--teacher", "res8", "--dataset", str(micro_npz), "--epochs", "1",
             "--out_dir", str(tmp_path / "run"), *FAST, flag, str(file)]
     argv += [] if role == "teacher" else ["--teacher_ckpt", str(networks["teacher"])]
     argv += ["--ta", "res14"] if role == "assistant" else []
@@ -78,13 +78,13 @@ def test_resume_refuses_a_network_changed_on_disk(networks, tiny_npz, tmp_path, 
     assert {**resumed, "wall_time_s": 0} == {**summary, "wall_time_s": 0}
 
 
-def test_resume_keeps_the_memory_layout_the_run_started_with(tiny_npz, tmp_path, monkeypatch):
+def test_resume_keeps_the_memory_layout_the_run_started_with(micro_npz, tmp_path, monkeypatch):
     """channels_last follows the device, and the two layouts round differently: a run started where it is on
     (an AVX-512 CPU) and resumed where it would be off keeps it, and ends bit-identical to an undisturbed run."""
     def cpu(avx512: bool) -> None:
         monkeypatch.setattr(cli, "cpu_execution_inputs", lambda: {"native_bf16": False, "avx512": avx512})
 
-    flags = ["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "2", "--amp", "off", *FAST]
+    flags = ["--model", "res8", "--dataset", str(micro_npz), "--epochs", "2", "--amp", "off", *FAST]
     cpu(avx512=True)
     train_teacher.main([*flags, "--out_dir", str(tmp_path / "whole")])
     save, saves = engine._save_progress, []
@@ -107,11 +107,11 @@ def test_resume_keeps_the_memory_layout_the_run_started_with(tiny_npz, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_finished_run_without_its_last_checkpoint_is_finished(tiny_npz, tmp_path, capsys):
+def test_a_finished_run_without_its_last_checkpoint_is_finished(micro_npz, tmp_path, capsys):
     """summary.json and the final weights make a run finished: --resume does nothing, even with last.pt gone,
     and still refuses other arguments."""
     out = tmp_path / "run"
-    flags = ["--model", "res8", "--dataset", str(tiny_npz), "--epochs", "1", "--out_dir", str(out), *FAST]
+    flags = ["--model", "res8", "--dataset", str(micro_npz), "--epochs", "1", "--out_dir", str(out), *FAST]
     summary = train_teacher.main(flags)
     (out / "last.pt").unlink()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
