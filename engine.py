@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from checkpoint import expect_match, load_checkpoint, load_weights, model_fingerprint, save_checkpoint
 from data import DEFAULT_PAD_MODE, Batch, DeviceDataset, num_train_batches, test_batches, train_batches
-from utils import UserError, atomic_write_json, atomic_write_text, lr_at
+from utils import UserError, WriteError, atomic_write_json, atomic_write_text, lr_at
 
 RESUME_FILE = "last.pt"
 EXTRAS_FILE = "extras.pt"
@@ -112,6 +112,14 @@ class Stage:
 
     def summary_fields(self, last: dict[str, Any]) -> dict[str, Any]:
         """Stage-specific summary.json fields, given the last epoch's metrics."""
+        return {}
+
+    def provenance(self) -> dict[str, dict[str, str]]:
+        """The trained networks the run learns from, by role: {"teacher": {"file": path, "fingerprint": ...}}.
+
+        Recorded in last.pt; --resume refuses a run whose inputs changed on disk since (a teacher retrained in
+        place), which would otherwise finish as a mixture of two runs.
+        """
         return {}
 
 
@@ -274,13 +282,18 @@ def fit(
     optimizer_state: tuple[int, dict] | None = None  # (phase index, state) restored from last.pt
 
     summary_path, resume_path = out_dir / "summary.json", out_dir / RESUME_FILE
+    weights_path = out_dir / f"{stage.kind}.pt"
     if summary_path.exists() or resume_path.exists():
         if not resume:
             raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
-        history, optimizer_state = _restore(resume_path, stage, generator, args, cfg)
-        if summary_path.exists():
+        if summary_path.exists() and weights_path.exists():  # finished, whether last.pt is still there or not
+            _check_arguments(load_checkpoint(weights_path, stage.kind, "--resume", mmap=True)["args"], args)
             log(f"{out_dir} is already finished; nothing to do")
             return json.loads(summary_path.read_text())
+        if not resume_path.exists():
+            raise UserError(f"--resume: {out_dir} holds summary.json but neither {weights_path.name} nor "
+                            f"{RESUME_FILE}: delete summary.json to train the run again")
+        history, optimizer_state = _restore(resume_path, stage, generator, args, cfg)
         log(f"resuming {out_dir} after epoch {history[-1]['epoch']}")
 
     eval_step = torch.compile(stage.evaluate) if cfg.compile else stage.evaluate
@@ -331,7 +344,8 @@ def fit(
             row["test_acc_by_output"] = {name: acc for name, (_, acc) in test.items()}
         row["seconds"] = time.perf_counter() - started
         history.append(row)
-        _save_progress(out_dir, stage, index, optimizer, generator, history, args, cfg)
+        _explain_write_errors(resume_path, _save_progress, out_dir, stage, index, optimizer, generator, history,
+                              args, cfg)
         train_acc = "-" if row["train_acc"] is None else f"{row['train_acc']:.2f}"
         log(
             f"epoch {epoch:3d}/{total} {phase.name if len(phases) > 1 else ''} lr {lr:.4g}  "
@@ -339,7 +353,21 @@ def fit(
             f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}  {row['seconds']:.1f}s"
         )
 
-    return _finish(out_dir, stage, data, cfg, phases, history, args)
+    return _explain_write_errors(resume_path, _finish, out_dir, stage, data, cfg, phases, history, args)
+
+
+def _explain_write_errors(resume_path: Path, write: Callable[..., Any], *arguments: Any) -> Any:
+    """`write(*arguments)`, with a file that cannot be written (a full disk, a file-size limit) reported in one
+    line that says what the run still has: atomic writes leave the previous checkpoint as it was."""
+    try:
+        return write(*arguments)
+    except WriteError as err:
+        try:
+            epochs = len(load_checkpoint(resume_path, "resume", "--resume", mmap=True)["history"])
+            kept = f"{resume_path} still holds epoch {epochs}"
+        except UserError:
+            kept = "no epoch is saved yet"
+        raise UserError(f"{err}; {kept}: make room (or fix the folder), then rerun with --resume") from None
 
 
 def evaluate(stage: Stage, data: DeviceDataset, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
@@ -373,6 +401,8 @@ def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator
         history=history,
         phase_index=phase_index,
         amp=cfg.amp,  # the effective precision: --amp auto may pick another one on another machine
+        channels_last=cfg.channels_last,  # the effective layout, kept on resume (cli.keep_layout)
+        provenance=stage.provenance(),
         optimizer=optimizer.state_dict(),
         data_rng=generator.get_state(),
         torch_rng=torch.get_rng_state(),
@@ -389,22 +419,35 @@ def _restore(path: Path, stage: Stage, generator, args: dict[str, Any], cfg: Tra
         precision = {True: "bf16 autocast", False: "fp32"}
         raise UserError(f"--resume: this run trained in {precision[ckpt['amp']]}, but here --amp {args.get('amp')} "
                         f"gives {precision[cfg.amp]}; resume with --amp {'on' if ckpt['amp'] else 'off'}")
-    changed = sorted(
-        key for key in set(args) | set(ckpt["args"])
-        if key not in RESUMABLE_CHANGES and args.get(key) != ckpt["args"].get(key)
-    )
-    if changed:
-        key = changed[0]
-        raise UserError(
-            f"--resume: this run was started with {key}={ckpt['args'].get(key)!r}, now {args.get(key)!r}; "
-            f"resume with the same arguments ({len(changed)} differ: {', '.join(changed)})"
-        )
+    if ckpt.get("channels_last", cfg.channels_last) != cfg.channels_last:
+        raise UserError(f"--resume: this run trained with channels_last={ckpt['channels_last']}, but this config "
+                        f"has {cfg.channels_last}; resume in the layout it started with (cli.keep_layout gives it)")
+    _check_arguments(ckpt["args"], args)
+    now = stage.provenance()
+    for role, then in ckpt.get("provenance", {}).items():  # (checkpoints before this check did not record it)
+        current = now.get(role, {}).get("fingerprint")
+        if current != then["fingerprint"]:
+            raise UserError(f"--resume: the {role} this run started from has changed on disk ({then['file']}: "
+                            f"fingerprint {then['fingerprint']} then, {current} now; retrained in place?); resume "
+                            "with the original file, or start the run afresh in another --out_dir")
     load_weights(stage.trainable, ckpt, "--resume")
     generator.set_state(ckpt["data_rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     return ckpt["history"], (ckpt["phase_index"], ckpt["optimizer"])
+
+
+def _check_arguments(recorded: dict[str, Any], args: dict[str, Any]) -> None:
+    """Refuse to continue a run under other arguments than it was started with (where it runs may change)."""
+    changed = sorted(key for key in set(args) | set(recorded)
+                     if key not in RESUMABLE_CHANGES and args.get(key) != recorded.get(key))
+    if changed:
+        key = changed[0]
+        raise UserError(
+            f"--resume: this run was started with {key}={recorded.get(key)!r}, now {args.get(key)!r}; "
+            f"resume with the same arguments ({len(changed)} differ: {', '.join(changed)})"
+        )
 
 
 def _finish(out_dir: Path, stage: Stage, data, cfg: TrainConfig, phases: list[Phase], history, args) -> dict:

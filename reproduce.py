@@ -25,11 +25,11 @@ import sys
 import cli
 from data import dataset_tag
 from sweep.graph import Outcome, build_graph, is_finished, listing
-from sweep.grid import PRESETS, add_grid_flags, make_sweep
+from sweep.grid import PRESETS, absent_rows, add_grid_flags, make_sweep
 from sweep.local import exclusive, execute, parse_gpus
 from sweep.report import report
 from sweep.slurm import SlurmOptions, check_gpus, submit
-from utils import UserError
+from utils import UserError, check_writable_dir
 
 SLURM_FLAGS = ("partition", "account", "time", "gpus_per_job", "sbatch_args")
 
@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> Outcome:
     slurm = slurm_options(args)
     gpus = parse_gpus(args.gpus)
     sweep = make_sweep(args)
+    for line in absent_rows(sweep):
+        print(f"note: {line}", file=sys.stderr)
     nodes = build_graph(sweep)
+    if not args.dry_run:  # a folder that cannot hold the results is refused before anything runs
+        if not args.report_only:
+            check_writable_dir(sweep.runs_dir, "--runs_dir")
+        check_writable_dir(sweep.results_dir, "--results_dir")
     if args.dry_run:
         print(listing(nodes))
         return Outcome(nodes)

@@ -16,6 +16,7 @@ import cli
 from engine import fit
 from methods import HYPERS, METHODS, Method, Setup, run_name
 from models import MODEL_NAMES
+from runlock import run_folder
 from utils import UserError
 
 DEFAULT_TEACHER = "res110"
@@ -41,7 +42,8 @@ def build_parser() -> cli.Parser:
         if hyper.type is bool:
             group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(f"--{name}", type=hyper.type, default=None, help=text)
+            kind = cli.finite_float if hyper.type is float else hyper.type
+            group.add_argument(f"--{name}", type=kind, default=None, help=text)
     return parser
 
 
@@ -87,29 +89,35 @@ def main(argv: list[str] | None = None) -> dict:
         assistant = read_assistant(args, teacher_ckpt)
         args.ta = assistant["model"]
     out_dir = cli.run_dir(args, run_name(args.student, method.name, args.teacher, hyper, args.ta))
+    inputs = {"teacher": teacher_ckpt, "heads": heads_ckpt, "assistant": assistant}
+    provenance = {role: {"file": ckpt["path"], "fingerprint": ckpt["fingerprint"]}
+                  for role, ckpt in inputs.items() if ckpt is not None}
 
-    data = cli.load_data(args, device)
-    meta: dict[str, Any] = {"model": args.student, "method": method.name, "teacher": args.teacher,
-                            "alpha": 0.0 if method.teacher == "none" else None, "temperature": None, **hyper}
-    teacher = heads = None
-    if assistant is not None:  # TAKD: the assistant teaches (read_assistant checked it descends from the teacher)
-        teacher, ta_identity = cli.build_teacher(assistant, args.ta, data, device, cfg)
-        meta |= {"teacher_fingerprint": teacher_ckpt["fingerprint"], "ta": args.ta,
-                 "ta_fingerprint": ta_identity["fingerprint"]}
-    elif teacher_ckpt is not None:
-        teacher, identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
-        meta["teacher_fingerprint"] = identity["fingerprint"]
-        if heads_ckpt is not None:
-            heads = cli.build_heads(heads_ckpt, identity, device)
-    torch.manual_seed(args.seed)
-    student = cli.build(args.student, data.num_classes, device, cfg.channels_last, data.image_size)
-    setup = Setup(student=student, teacher=teacher, hyper=hyper, data=data, meta=meta, heads=heads,
-                  teacher_ckpt=teacher_ckpt)
-    stage = method.build(setup)
-    stage.extras.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    print(f"stage 3: {args.student} by {method.name}" + (f" from {args.teacher}" if args.teacher else "")
-          + f" on {device} -> {out_dir}")
-    summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
+    with run_folder(out_dir):  # one writer per run folder, from before its data is loaded to its end
+        cfg = cli.keep_layout(cfg, out_dir, args.resume)
+        data = cli.load_data(args, device)
+        meta: dict[str, Any] = {"model": args.student, "method": method.name, "teacher": args.teacher,
+                                "alpha": 0.0 if method.teacher == "none" else None, "temperature": None, **hyper}
+        teacher = heads = None
+        if assistant is not None:  # TAKD: the assistant teaches (read_assistant checked it descends from the teacher)
+            teacher, ta_identity = cli.build_teacher(assistant, args.ta, data, device, cfg)
+            meta |= {"teacher_fingerprint": teacher_ckpt["fingerprint"], "ta": args.ta,
+                     "ta_fingerprint": ta_identity["fingerprint"], "ta_ckpt": assistant["path"]}
+        elif teacher_ckpt is not None:
+            teacher, identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
+            meta["teacher_fingerprint"] = identity["fingerprint"]
+            if heads_ckpt is not None:
+                heads = cli.build_heads(heads_ckpt, identity, device)
+                meta["heads_fingerprint"] = heads_ckpt["fingerprint"]
+        torch.manual_seed(args.seed)
+        student = cli.build(args.student, data.num_classes, device, cfg.channels_last, data.image_size)
+        setup = Setup(student=student, teacher=teacher, hyper=hyper, data=data, meta=meta, heads=heads,
+                      teacher_ckpt=teacher_ckpt, provenance=provenance, batch_size=cfg.batch_size)
+        stage = method.build(setup)
+        stage.extras.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        print(f"stage 3: {args.student} by {method.name}" + (f" from {args.teacher}" if args.teacher else "")
+              + f" on {device} -> {out_dir}")
+        summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
     print(f"{method.name} student {args.student}: final test accuracy {summary['final_test_acc']:.2f}% "
           f"(best epoch {summary['best_epoch']}: {summary['best_test_acc']:.2f}%)")
     return summary

@@ -16,6 +16,7 @@ from heads import tofd_aux_for
 from importing import import_teacher
 from methods.tofd import VARIANT, TOFDTeacher
 from models import MODEL_NAMES
+from runlock import run_folder
 from stages import TeacherTraining
 from utils import UserError, parse_schedule
 
@@ -36,27 +37,30 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = cli.run_dir(args, f"teacher-{args.model}" + (f"-{VARIANT}" if args.tofd else ""))
     if args.import_path is not None:
         refuse_training_flags(parser, args)
-        summary = import_teacher(args.model, args.import_path, args, device, cfg, out_dir)
+        with run_folder(out_dir):  # an import writes a run folder too: one writer at a time
+            summary = import_teacher(args.model, args.import_path, args, device, cfg, out_dir)
         stated = summary["imported_accuracy"]
         print(f"imported {args.model} from {args.import_path} (epoch {summary['imported_epoch']}, accuracy "
               f"{'not stated' if stated is None else f'{stated:.2f}%'} by the file): test accuracy here "
               f"{summary['final_test_acc']:.2f}% -> {out_dir / summary['checkpoint']}")
         return summary
 
-    data = cli.load_data(args, device)
-    torch.manual_seed(args.seed)
-    model = cli.build(args.model, data.num_classes, device, cfg.channels_last, data.image_size)
-    if args.summary:
-        cli.print_model_summary(model, device, data.image_size)
-    if args.tofd:
-        aux = tofd_aux_for(model, data.num_classes, data.image_size)
-        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-        stage = TOFDTeacher(model, args.model, aux.to(device, memory_format=memory_format))
-    else:
-        stage = TeacherTraining(model, args.model)
-    print(f"stage 1: {args.model}{' (TOFD)' if args.tofd else ''} on {data.name} ({data.num_classes} classes) on "
-          f"{device} -> {out_dir}")
-    summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
+    with run_folder(out_dir):  # one writer per run folder, from before its data is loaded to its end
+        cfg = cli.keep_layout(cfg, out_dir, args.resume)
+        data = cli.load_data(args, device)
+        torch.manual_seed(args.seed)
+        model = cli.build(args.model, data.num_classes, device, cfg.channels_last, data.image_size)
+        if args.summary:
+            cli.print_model_summary(model, device, data.image_size)
+        if args.tofd:
+            aux = tofd_aux_for(model, data.num_classes, data.image_size)
+            memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+            stage = TOFDTeacher(model, args.model, aux.to(device, memory_format=memory_format))
+        else:
+            stage = TeacherTraining(model, args.model)
+        print(f"stage 1: {args.model}{' (TOFD)' if args.tofd else ''} on {data.name} ({data.num_classes} classes) on "
+              f"{device} -> {out_dir}")
+        summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
     for aux_summary in summary.get("aux_classifiers", []):
         print(f"auxiliary classifier on {aux_summary['tap']}: final test accuracy {aux_summary['final_test_acc']:.2f}%")
     print(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch {summary['best_epoch']}: "

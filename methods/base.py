@@ -8,7 +8,7 @@ resolved hyper-parameters) into an `engine.Stage`. The engine never learns which
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +61,8 @@ class Setup:
     meta: dict[str, Any]  # what the student checkpoint and summary.json record about the run
     heads: nn.Module | None = None  # DIH's stage-2 heads, frozen
     teacher_ckpt: dict[str, Any] | None = None  # the teacher's checkpoint as read (its "path" included)
+    provenance: dict[str, dict[str, str]] = field(default_factory=dict)  # file and fingerprint of each input network
+    batch_size: int | None = None  # of training, where known: a method may check that its memory needs fit
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,6 @@ class StudentStage(Stage):
 
     def summary_fields(self, last: dict[str, Any]) -> dict[str, Any]:
         return self.setup.meta
+
+    def provenance(self) -> dict[str, dict[str, str]]:
+        return self.setup.provenance

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data import BUILTIN
+from data import BUILTIN, npz_name
 from methods import METHODS as REGISTRY
 from utils import UserError
 
@@ -212,5 +213,21 @@ def is_finished(node: Node, dataset: str) -> bool:
 
 
 def dataset_matches(recorded: str, dataset: str) -> bool:
-    """A user's npz is recorded as `npz:<stem>:<hash>` (see data.load_dataset); the others by their name."""
-    return recorded == dataset if dataset in BUILTIN else recorded.startswith(f"npz:{Path(dataset).stem}:")
+    """A user's npz is recorded as `npz:<stem>:<hash of its content>` (data.npz_name), so a run on an earlier
+    file of the same name is not taken for one on this file; the others by their name."""
+    return recorded == (dataset if dataset in BUILTIN else dataset_name(Path(dataset).expanduser()))
+
+
+def dataset_name(path: Path) -> str:
+    """The npz's recorded name, hashed once per version of the file (a sweep asks for each of its runs)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        raise UserError(f"--dataset {path}: no such file, so the sweep's runs cannot be checked against it; pass "
+                        "the npz they were trained on") from None
+    return _hashed_name(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _hashed_name(path: Path, size: int, mtime_ns: int) -> str:
+    return npz_name(path)  # size and mtime are part of the cache's key: a rewritten file is hashed again

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import cli
-from data import dataset_tag
+from data import DOWNLOADED_NAMES, dataset_tag
 from methods import METHODS as REGISTRY
 from methods import run_name
 from methods.takd import default_assistant
 from models import MODEL_NAMES, REPDISTILLER_NAMES
-from utils import UserError, parse_schedule
+from utils import UserError, check_seed, parse_schedule
 
 from .published import read_published
 
@@ -177,15 +178,16 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher_epochs", type=int, help="epochs of each teacher run (default: --epochs)")
     p.add_argument("--heads_epochs", type=int, help="epochs of each heads run (default: --epochs)")
     p.add_argument("--batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--wd", type=float, help="weight decay")
+    p.add_argument("--lr", type=cli.finite_float)
+    p.add_argument("--momentum", type=cli.finite_float)
+    p.add_argument("--wd", type=cli.finite_float, help="weight decay")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     p.add_argument("--schedule", nargs="+", help="LR milestones, e.g. 60 120 180")
-    p.add_argument("--gamma", type=float, help="LR decay factor at each milestone")
-    p.add_argument("--alpha", type=float, help="weight of the KD term, for the methods whose KD term is on by "
-                                               "default (KD, FitNets, TAKD, MHKD, DIH; default: each method's)")
-    p.add_argument("--temperature", type=float, help="softmax temperature of those methods' KD term")
+    p.add_argument("--gamma", type=cli.finite_float, help="LR decay factor at each milestone")
+    p.add_argument("--alpha", type=cli.finite_float, help="weight of the KD term, for the methods whose KD term is on "
+                                                           "by default (KD, FitNets, TAKD, MHKD, DIH; default: each "
+                                                           "method's)")
+    p.add_argument("--temperature", type=cli.finite_float, help="softmax temperature of those methods' KD term")
     p.add_argument("--hint_epochs", type=int, help="epochs of FitNets' hint phase (default: 40)")
     p.add_argument("--import_teachers", type=Path, metavar="DIR",
                    help="import the teachers from DIR (RepDistiller's layout, DIR/<its name>_vanilla/"
@@ -238,9 +240,55 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
                                                                       "in [0, 1]")):
         if not ok:
             raise UserError(f"--{key} must be {rule}, got {values[key]}")
+    for seed in values["seeds"]:
+        check_seed(seed, "--seeds")
+    for key in given:
+        users = methods_using(key)
+        if users is not None and not set(users) & set(values["methods"]):
+            raise UserError(f"--{key} applies to no method of this grid (only to {' '.join(users)}; the grid has "
+                            f"{' '.join(values['methods'])}): drop it, or add one of those to --methods")
+    if "data_url" in given and values["dataset"] not in DOWNLOADED_NAMES:
+        downloaded = ", ".join(DOWNLOADED_NAMES)
+        raise UserError(f"--data_url is a mirror of a downloaded dataset's archive ({downloaded}), and "
+                        f"{values['dataset']} has none: drop it")
     values["name"] = args.preset or "custom"
     values["runs_dir"], values["results_dir"] = Path(args.runs_dir), Path(args.results_dir)
-    return Sweep(**{f.name: values[f.name] for f in fields(Sweep)})
+    sweep = Sweep(**{f.name: values[f.name] for f in fields(Sweep)})
+    if next(student_rows(sweep), None) is None:
+        raise UserError(f"the grid is empty: {'; '.join(absent_rows(sweep))}; add a larger teacher to --teachers or "
+                        "another method to --methods")
+    return sweep
+
+
+def methods_using(flag: str) -> list[str] | None:
+    """The methods a grid flag applies to; None for a flag that applies to every grid."""
+    if flag in ("alpha", "temperature"):  # the KD family: see Sweep.hyper
+        return list(KD_FAMILY)
+    if flag == "heads_epochs":
+        return [m for m in METHODS if REGISTRY[m].heads]
+    if flag == "hint_epochs":
+        return [m for m in METHODS if "hint_epochs" in REGISTRY[m].defaults]
+    return None
+
+
+def student_rows(sweep: Sweep) -> Iterator[tuple[str, str]]:
+    """(method, teacher) of every row the grid can have: TAKD needs an assistant for the teacher."""
+    for method in sweep.methods:
+        for teacher in sweep.teachers:
+            if not REGISTRY[method].assistant or sweep.assistant(teacher) is not None:
+                yield method, teacher
+
+
+def absent_rows(sweep: Sweep) -> list[str]:
+    """One line per method some of whose rows cannot exist, saying which and why."""
+    rows = set(student_rows(sweep))
+    lines = []
+    for method in sweep.methods:
+        missing = [teacher for teacher in sweep.teachers if (method, teacher) not in rows]
+        if missing:
+            lines.append(f"no {method} row for teacher {' '.join(missing)}: {method} distils through a teacher "
+                         f"assistant smaller than the teacher, and none is defined for {' or '.join(missing)}")
+    return lines
 
 
 def parse_pair(text: str) -> tuple[str, str]:
@@ -273,8 +321,11 @@ def grid_flags(sweep: Sweep) -> list[str]:
     flags = ["--preset", sweep.name] if sweep.name in PRESETS else []
     for f in fields(Sweep):
         value = getattr(sweep, f.name)
+        users = methods_using(f.name)
         if f.name == "name" or value is None or isinstance(value, dict):  # the hyper dicts come with --preset
             continue
+        if users is not None and not set(users) & set(sweep.methods):
+            continue  # a flag for no method of the grid would be refused
         if f.name == "pairs":
             flags += ["--pairs", *(f"{teacher}:{student}" for teacher, student in value)]
         elif f.name == "schedule":

@@ -248,6 +248,15 @@ def test_flags_override_the_preset_and_ce_is_shared_by_every_teacher():
     (["--preset", "demo", "--gpus", "99"], "names GPU 99"),
     (["--preset", "demo", "--jobs", "0"], "--jobs must be at least 1"),
     (["--preset", "demo", "--alpha", "2"], "--alpha must be in [0, 1]"),
+    # Flags for no method of the grid are refused, as --partition is without --slurm.
+    (["--preset", "demo", "--methods", "ce", "kd", "--hint_epochs", "3"],
+     "--hint_epochs applies to no method of this grid (only to fitnets; the grid has ce kd): drop it"),
+    (["--teachers", "res20", "--methods", "ce", "at", "--alpha", "0.5"], "--alpha applies to no method of this grid"),
+    (["--teachers", "res20", "--methods", "crd", "--temperature", "2"], "--temperature applies to no method"),
+    (["--teachers", "res20", "--methods", "kd", "--heads_epochs", "2"], "--heads_epochs applies to no method"),
+    (["--preset", "demo", "--data_url", "file:///x.tgz"], "--data_url is a mirror of a downloaded dataset's archive"),
+    (["--teachers", "res14", "--methods", "takd"], "the grid is empty: no takd row for teacher res14: takd distils "
+                                                   "through a teacher assistant smaller than the teacher"),
 ])
 def test_bad_input_is_a_user_error(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -264,3 +273,32 @@ def test_bad_input_is_one_line_on_stderr():
 def test_a_second_sweep_on_the_same_runs_is_refused(tmp_path):
     with exclusive(tmp_path / "synthetic"), pytest.raises(UserError, match="another reproduce.py"):
         reproduce.main(["--preset", "demo", "--runs_dir", str(tmp_path)])
+
+
+def test_rows_that_cannot_exist_are_named(capsys):
+    outcome = reproduce.main(["--teachers", "res14", "res20", "--methods", "takd", "--seeds", "30", "--dry_run"])
+    assert capsys.readouterr().err == ("note: no takd row for teacher res14: takd distils through a teacher assistant "
+                                       "smaller than the teacher, and none is defined for res14\n")
+    assert [node.label for node in outcome.nodes if node.label.startswith("takd")] == [
+        "takd student res8 <- res20 seed 30"]
+
+
+def test_flags_of_the_report_job_apply_to_its_grid():
+    """The report job gets only flags its grid takes: --heads_epochs, always set, only where DIH is."""
+    sweep = sweep_of(["--teachers", "res20", "--methods", "kd", "ce", "--epochs", "3"])
+    assert "--heads_epochs" not in grid_flags(sweep) and sweep_of(grid_flags(sweep)) == sweep
+
+
+def test_a_finished_run_on_an_npz_is_recognised_by_the_file_content(tmp_path):
+    """A regenerated npz of the same name is another dataset: its old runs are not taken as finished."""
+    from data import make_synthetic, npz_name, save_npz
+
+    npz = tmp_path / "set.npz"
+    save_npz(npz, *make_synthetic(32, 16, seed=0))
+    sweep = sweep_of(["--dataset", str(npz), "--teachers", "res20", "--runs_dir", str(tmp_path / "runs")])
+    teacher = build_graph(sweep)[0]
+    write_run(teacher.out_dir, [10.0], **teacher.expect, dataset=npz_name(npz))
+    assert is_finished(teacher, sweep.dataset)
+    save_npz(npz, *make_synthetic(32, 16, seed=1))  # regenerated in place
+    with pytest.raises(UserError, match="holds another run \\(dataset='npz:set:[0-9a-f]{12}', this sweep asks for"):
+        is_finished(teacher, sweep.dataset)
