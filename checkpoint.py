@@ -29,13 +29,17 @@ def save_checkpoint(path: str | Path, kind: str, state_dict: dict[str, torch.Ten
     atomic_torch_save({"format": FORMAT, "kind": kind, **meta, "state_dict": weights}, path)
 
 
-def load_checkpoint(path: str | Path, kind: str | tuple[str, ...], flag: str, hint: str = "") -> dict[str, Any]:
-    """Load a checkpoint of the given kind(s); `flag` names where the path came from, `hint` how to make it."""
+def load_checkpoint(path: str | Path, kind: str | tuple[str, ...], flag: str, hint: str = "",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint of the given kind(s); `flag` names where the path came from, `hint` how to make it.
+
+    `mmap` maps the tensors instead of reading them: for a look at the metadata of a large file.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag}: no checkpoint at {path}" + (f"; {hint}" if hint else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{flag}: {path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import math
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +18,19 @@ import torch
 
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
 from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_dataset
-from engine import EXTRAS_FILE, TrainConfig
+from data.base import one_line
+from engine import EXTRAS_FILE, RESUME_FILE, TrainConfig
 from heads import IntermediateHeads
 from models import TapModel, build_model
-from utils import COMPILE_MODES, UserError, choose_execution, cpu_execution_inputs, parse_schedule, resolve_device
+from utils import (
+    COMPILE_MODES,
+    UserError,
+    check_seed,
+    choose_execution,
+    cpu_execution_inputs,
+    parse_schedule,
+    resolve_device,
+)
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -58,6 +71,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a number, and a finite one (`inf` or `nan` would only show as a
+    diverged loss an epoch later, blamed on --lr)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def common_parser(description: str) -> Parser:
     """Flags every stage takes; defaults are the paper's (Table 2 of the original README)."""
     p = Parser(description=description)
@@ -68,13 +93,13 @@ def common_parser(description: str) -> Parser:
                    help="a mirror of the dataset's archive (http, https, file:// or a path; default: the official URL)")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    p.add_argument("--lr", type=finite_float, default=0.1)
+    p.add_argument("--momentum", type=finite_float, default=0.9)
+    p.add_argument("--wd", type=finite_float, default=5e-4, help="weight decay")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--schedule", nargs="+", default=["60", "120", "180"],
                    help="epochs after which the LR is multiplied by --gamma: 60 120 180 or [60, 120, 180]")
-    p.add_argument("--gamma", type=float, default=0.1,
+    p.add_argument("--gamma", type=finite_float, default=0.1,
                    help="LR decay factor (the original README says 0.1, its code defaulted to 0.2)")
     p.add_argument("--seed", type=int, default=30, help="the paper averages seeds 30, 50 and 67")
     p.add_argument("--gpu_id", default=None, help="0, cuda:1 or cpu (default: the first GPU if any, else the CPU)")
@@ -94,6 +119,7 @@ def parse(parser: Parser, argv: list[str] | None) -> tuple[argparse.Namespace, t
     """Parse and validate the flags; pick the device; build the engine's config."""
     args = parser.parse_args(argv)
     args.schedule = parse_schedule(args.schedule)
+    check_seed(args.seed)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -142,11 +168,28 @@ def stored_args(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in vars(args).items() if isinstance(value, plain)}
 
 
+class Terminated(BaseException):
+    """SIGTERM (Slurm's scancel, a time limit, `kill`) as an exception, so that `finally` blocks run: locks are
+    let go, a sweep stops its stage runs. A BaseException, so that no `except Exception` swallows it."""
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise Terminated
+
+
+def host_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the host running out of memory (torch's CPU allocator says so in a RuntimeError)."""
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "DefaultCPUAllocator" in str(err))
+
+
 def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "rerun with --resume to continue") -> None:
     """Run a script's main; turn user errors into one line on stderr and exit 2, never a traceback.
 
-    A reader that leaves early (`| head`) ends the script quietly, with 141 like a tool killed by SIGPIPE.
+    SIGINT and SIGTERM end it with one line and 130 or 143, the shell's codes for those signals, after its
+    `finally` blocks; a reader that leaves early (`| head`) ends it quietly, with 141 like a tool killed by SIGPIPE.
     """
+    name = Path(sys.argv[0]).name
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         try:
             main(None)
@@ -156,14 +199,41 @@ def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "reru
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
         sys.exit(141)
     except UserError as err:
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{Path(sys.argv[0]).name}: interrupted; {resume_hint}", file=sys.stderr)
+        print(f"{name}: interrupted; {resume_hint}", file=sys.stderr)
         sys.exit(130)
-    except torch.OutOfMemoryError:
-        print(f"{Path(sys.argv[0]).name}: error: out of GPU memory; try a smaller --batch_size", file=sys.stderr)
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM); {resume_hint}", file=sys.stderr)
+        sys.exit(143)
+    except torch.OutOfMemoryError as err:  # CUDA's (and the host's, in torch versions that raise it there)
+        where = "host" if host_out_of_memory(err) else "GPU"
+        print(f"{name}: error: out of {where} memory; try a smaller --batch_size", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as err:
+        if not host_out_of_memory(err):
+            raise
+        print(f"{name}: error: out of host memory ({one_line(err)[:200]}); try a smaller --batch_size or free some "
+              "memory", file=sys.stderr)
+        sys.exit(2)
+
+
+def keep_layout(cfg: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
+    """`cfg` with the memory layout (channels_last) the run in `out_dir` started with, when it is resumed.
+
+    The layout follows the device (on for CUDA and AVX-512 CPUs), and the two layouts' kernels round differently
+    (a CPU epoch ends about 1e-3 apart), so a run resumed on another kind of device keeps its own layout and
+    stays bit-identical wherever the kernels are the same. Either layout runs on every device.
+    """
+    path = out_dir / RESUME_FILE
+    if not (resume and path.is_file()):
+        return cfg
+    recorded = load_checkpoint(path, "resume", "--resume", mmap=True).get("channels_last", cfg.channels_last)
+    if recorded != cfg.channels_last:
+        print(f"resuming in the memory layout the run started with (channels_last={recorded}), not this device's "
+              f"default ({cfg.channels_last})")
+    return dataclasses.replace(cfg, channels_last=recorded)
 
 
 def build(name: str, num_classes: int, device: torch.device, channels_last: bool, image_size: int) -> TapModel:
@@ -204,8 +274,8 @@ def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None
     """
     folder = f"teacher-{name}" + (f"-{variant}" if variant else "")
     path = Path(args.teacher_ckpt or default_dir(dataset_tag(args.dataset), folder, args.seed) / "teacher.pt")
-    command = (f"python3 train_teacher.py --model {name}{f' --{variant}' if variant else ''} --dataset {args.dataset} "
-               f"--seed {args.seed}")
+    command = shlex.join(["python3", "train_teacher.py", "--model", name, *([f"--{variant}"] if variant else []),
+                          "--dataset", args.dataset, "--seed", str(args.seed)])
     ckpt = load_checkpoint(path, ("teacher", "student"), "--teacher_ckpt", hint=f"train it with: {command}")
     ckpt.setdefault("image_size", 32)  # written before checkpoints recorded it, when every dataset was 32x32
     if variant is not None:
@@ -243,7 +313,8 @@ def read_heads(args: argparse.Namespace) -> dict[str, Any]:
     """The stage-2 heads checkpoint (--heads_ckpt or its default place), read before any data is."""
     path = Path(args.heads_ckpt or default_dir(dataset_tag(args.dataset), f"heads-{args.teacher}", args.seed)
                 / "heads.pt")
-    command = f"python3 train_heads.py --teacher {args.teacher} --dataset {args.dataset} --seed {args.seed}"
+    command = shlex.join(["python3", "train_heads.py", "--teacher", args.teacher, "--dataset", args.dataset,
+                          "--seed", str(args.seed)])
     ckpt = load_checkpoint(path, "heads", "--heads_ckpt", hint=f"train them with: {command}")
     ckpt["path"] = str(path)
     return ckpt

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from checkpoint import expect_match, load_checkpoint, load_weights, model_fingerprint, save_checkpoint
 from data import DEFAULT_PAD_MODE, Batch, DeviceDataset, num_train_batches, test_batches, train_batches
-from utils import UserError, atomic_write_json, atomic_write_text, lr_at
+from utils import UserError, WriteError, atomic_write_json, atomic_write_text, lr_at
 
 RESUME_FILE = "last.pt"
 EXTRAS_FILE = "extras.pt"
@@ -147,6 +147,14 @@ class Stage:
 
     def summary_fields(self, last: dict[str, Any]) -> dict[str, Any]:
         """Stage-specific summary.json fields, given the last epoch's metrics."""
+        return {}
+
+    def provenance(self) -> dict[str, dict[str, str]]:
+        """The trained networks the run learns from, by role: {"teacher": {"file": path, "fingerprint": ...}}.
+
+        Recorded in last.pt; --resume refuses a run whose inputs changed on disk since (a teacher retrained in
+        place), which would otherwise finish as a mixture of two runs.
+        """
         return {}
 
 
@@ -378,17 +386,22 @@ class Run:
         is, an interrupted one continues from its last completed epoch, and a folder holding a run is refused
         without `resume`."""
         summary_path, resume_path = self.out_dir / "summary.json", self.out_dir / RESUME_FILE
+        weights_path = self.out_dir / f"{self.stage.kind}.pt"
         if not (summary_path.exists() or resume_path.exists()):
             return
         if not resume:
             raise UserError(f"{self.out_dir} already holds a run: pass --resume to continue it, or choose another "
                             "--out_dir")
-        self._restore(resume_path)
-        if summary_path.exists():
+        if summary_path.exists() and weights_path.exists():  # finished, whether last.pt is still there or not
+            _check_arguments(load_checkpoint(weights_path, self.stage.kind, "--resume", mmap=True)["args"], self.args)
             log(f"{self.out_dir} is already finished; nothing to do")
             self.summary = json.loads(summary_path.read_text())
-        else:
-            log(f"resuming {self.out_dir} after epoch {self.history[-1]['epoch']}")
+            return
+        if not resume_path.exists():
+            raise UserError(f"--resume: {self.out_dir} holds summary.json but neither {weights_path.name} nor "
+                            f"{RESUME_FILE}: delete summary.json to train the run again")
+        self._restore(resume_path)
+        log(f"resuming {self.out_dir} after epoch {self.history[-1]['epoch']}")
 
     def start_epoch(self, epoch: int) -> None:
         """Enter the run's 1-based `epoch`: its phase (a fresh optimizer at a phase's start), LR and train mode."""
@@ -432,7 +445,7 @@ class Run:
             row["test_acc_by_output"] = {name: acc for name, (_, acc) in test.items()}
         row["seconds"] = train_seconds + time.perf_counter() - started
         self.history.append(row)
-        self._save_progress()
+        _explain_write_errors(self.out_dir / RESUME_FILE, self._save_progress)
         shown = "-" if row["train_acc"] is None else f"{row['train_acc']:.2f}"
         log(
             f"epoch {epoch:3d}/{self.total} {self.phase.name if len(self.phases) > 1 else ''} lr {self.lr:.4g}  "
@@ -452,6 +465,8 @@ class Run:
             history=self.history,
             phase_index=index,
             amp=self.cfg.amp,  # the effective precision: --amp auto may pick another one on another machine
+            channels_last=self.cfg.channels_last,  # the effective layout, kept on resume (cli.keep_layout)
+            provenance=self.stage.provenance(),
             optimizer=optimizer.state_dict(),
             data_rng=self.generator.get_state(),
             **self.streams,
@@ -467,16 +482,17 @@ class Run:
             raise UserError(f"--resume: this run trained in {precision[ckpt['amp']]}, but here --amp "
                             f"{args.get('amp')} gives {precision[cfg.amp]}; resume with --amp "
                             f"{'on' if ckpt['amp'] else 'off'}")
-        changed = sorted(
-            key for key in set(args) | set(ckpt["args"])
-            if key not in RESUMABLE_CHANGES and args.get(key) != ckpt["args"].get(key)
-        )
-        if changed:
-            key = changed[0]
-            raise UserError(
-                f"--resume: this run was started with {key}={ckpt['args'].get(key)!r}, now {args.get(key)!r}; "
-                f"resume with the same arguments ({len(changed)} differ: {', '.join(changed)})"
-            )
+        if ckpt.get("channels_last", cfg.channels_last) != cfg.channels_last:
+            raise UserError(f"--resume: this run trained with channels_last={ckpt['channels_last']}, but this config "
+                            f"has {cfg.channels_last}; resume in the layout it started with (cli.keep_layout gives it)")
+        _check_arguments(ckpt["args"], args)
+        now = self.stage.provenance()
+        for role, then in ckpt.get("provenance", {}).items():  # (checkpoints before this check did not record it)
+            current = now.get(role, {}).get("fingerprint")
+            if current != then["fingerprint"]:
+                raise UserError(f"--resume: the {role} this run started from has changed on disk ({then['file']}: "
+                                f"fingerprint {then['fingerprint']} then, {current} now; retrained in place?); "
+                                "resume with the original file, or start the run afresh in another --out_dir")
         load_weights(self.stage.trainable, ckpt, "--resume")
         self.generator.set_state(ckpt["data_rng"])
         self.streams = random_streams_of(ckpt)
@@ -485,6 +501,9 @@ class Run:
 
     def finish(self, data: DeviceDataset) -> dict[str, Any]:
         """Write the final weights (and the extras, apart), then summary.json (its presence marks the run done)."""
+        return _explain_write_errors(self.out_dir / RESUME_FILE, self._finish, data)
+
+    def _finish(self, data: DeviceDataset) -> dict[str, Any]:
         stage, cfg, history = self.stage, self.cfg, self.history
         weights_file = f"{stage.kind}.pt"
         fingerprint = model_fingerprint(stage.model)
@@ -643,6 +662,26 @@ def _train_epoch(cohort: list[Run], epoch: int, data: DeviceDataset, group_step:
     return diverged
 
 
+def _explain_write_errors(resume_path: Path, write: Callable[..., Any], *arguments: Any) -> Any:
+    """`write(*arguments)`, with a file that cannot be written (a full disk, a file-size limit) reported in one
+    line that says what the run still has: atomic writes leave the previous checkpoint as it was."""
+    try:
+        return write(*arguments)
+    except WriteError as err:
+        try:
+            epochs = len(load_checkpoint(resume_path, "resume", "--resume", mmap=True)["history"])
+            kept = f"{resume_path} still holds epoch {epochs}"
+        except UserError:
+            kept = "no epoch is saved yet"
+        raise UserError(f"{err}; {kept}: make room (or fix the folder), then rerun with --resume") from None
+
+
+def evaluate(stage: Stage, data: DeviceDataset, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
+    """Per named classifier of `stage`: (mean cross-entropy, accuracy in percent) on the test set, as each epoch
+    reports them (an imported teacher is measured so on load)."""
+    return _evaluate(stage, stage.evaluate, data, cfg)
+
+
 def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: TrainConfig) -> dict:
     """Per named classifier: (mean cross-entropy, accuracy in percent) over the test set."""
     stage.trainable.eval()
@@ -655,3 +694,16 @@ def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: Train
                 sums[name] = sums[name] + batch if name in sums else batch
     count = len(data.y_test)
     return {name: (float(s[0]) / count, 100.0 * float(s[1]) / count) for name, s in sums.items()}
+
+
+def _check_arguments(recorded: dict[str, Any], args: dict[str, Any]) -> None:
+    """Refuse to continue a run under other arguments than it was started with (where it runs may change)."""
+    changed = sorted(key for key in set(args) | set(recorded)
+                     if key not in RESUMABLE_CHANGES and args.get(key) != recorded.get(key))
+    if changed:
+        key = changed[0]
+        raise UserError(
+            f"--resume: this run was started with {key}={recorded.get(key)!r}, now {args.get(key)!r}; "
+            f"resume with the same arguments ({len(changed)} differ: {', '.join(changed)})"
+        )
+

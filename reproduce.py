@@ -5,6 +5,7 @@
     python reproduce.py --preset paper-cifar100 --slurm --partition gpu  # one Slurm job per node of the graph
     python reproduce.py --preset paper-cifar100 --report_only           # the table so far, of a sweep under way
     python reproduce.py --preset paper-cifar10 --dry_run                # the stage commands, by dependency level
+    python reproduce.py --preset repdistiller-cifar100 --import_teachers save/models  # RepDistiller's benchmark
 
 The sweep is a dependency graph of stage runs: each teacher is trained once per seed, its heads once,
 then every student (the CE baseline needs no teacher, so one CE run per student and seed serves every
@@ -25,17 +26,18 @@ import sys
 import cli
 from data import dataset_tag
 from sweep.graph import Outcome, build_graph, finished_runs, listing
-from sweep.grid import PRESETS, add_grid_flags, make_sweep
+from sweep.grid import PRESETS, absent_rows, add_grid_flags, make_sweep
 from sweep.local import exclusive, execute, parse_gpus
 from sweep.report import report
 from sweep.slurm import SlurmOptions, check_gpus, submit
-from utils import UserError
+from utils import UserError, check_writable_dir
 
 SLURM_FLAGS = ("partition", "account", "time", "gpus_per_job", "sbatch_args")
 
 
 def build_parser() -> cli.Parser:
-    presets = "; ".join(f"{name}: {grid['dataset']}, teachers {' '.join(grid['teachers'])}"
+    presets = "; ".join(f"{name}: {grid['dataset']}, " + (f"teachers {' '.join(grid['teachers'])}" if "teachers" in grid
+                                                          else f"pairs {' '.join(map(':'.join, grid['pairs']))}")
                         for name, grid in PRESETS.items())
     p = cli.Parser(description=__doc__.splitlines()[0],
                    epilog=f"Presets: {presets}. Flags override the preset's values; without a preset, the paper's.")
@@ -87,7 +89,13 @@ def main(argv: list[str] | None = None) -> Outcome:
     slurm = slurm_options(args)
     gpus = parse_gpus(args.gpus)
     sweep = make_sweep(args)
+    for line in absent_rows(sweep):
+        print(f"note: {line}", file=sys.stderr)
     nodes = build_graph(sweep, group=not args.no_group)
+    if not args.dry_run:  # a folder that cannot hold the results is refused before anything runs
+        if not args.report_only:
+            check_writable_dir(sweep.runs_dir, "--runs_dir")
+        check_writable_dir(sweep.results_dir, "--results_dir")
     if args.dry_run:
         print(listing(nodes))
         return Outcome(nodes)
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> Outcome:
         if outcome.jobs:  # on Slurm, with runs still to come: the report job writes the table after them
             return outcome
     outcome.table = report(sweep)
-    files = "results.md results.csv curves.png bars.png gap.png"
+    files = "results.md results.csv curves.png bars.png gap.png" + (" literature.csv" if sweep.published else "")
     print(f"\n{outcome.table}\nwritten to {sweep.results_dir / sweep.name}: {files}")
     if outcome.failed or outcome.skipped:
         print(f"{len(outcome.failed)} stage run(s) failed and {len(outcome.skipped)} were skipped (see above); "

@@ -39,10 +39,11 @@ class HeadsTraining(Stage):
     statistics can change; its own final classifier is evaluated alongside the heads as a check.
     """
 
-    def __init__(self, teacher: TapModel, heads: IntermediateHeads, teacher_identity: dict[str, Any]):
+    def __init__(self, teacher: TapModel, heads: IntermediateHeads, teacher_identity: dict[str, Any],
+                 teacher_file: str = ""):
         super().__init__("heads", heads)
         self.teacher = teacher.eval().requires_grad_(False)
-        self.teacher_identity = teacher_identity
+        self.teacher_identity, self.teacher_file = teacher_identity, teacher_file
         self.headline = heads.tap_names
 
     def training_step(self, batch: Batch, shared: None = None) -> StepOutput:
@@ -61,6 +62,9 @@ class HeadsTraining(Stage):
             "teacher": self.teacher_identity,
             "taps": [[name, list(shape)] for name, shape in self.model.taps],
         }
+
+    def provenance(self) -> dict[str, dict[str, str]]:
+        return {"teacher": {"file": self.teacher_file, "fingerprint": self.teacher_identity["fingerprint"]}}
 
     def summary_fields(self, last: dict[str, Any]) -> dict[str, Any]:
         by_output = last["test_acc_by_output"]

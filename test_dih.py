@@ -13,6 +13,7 @@ and, on the CPU, the very numbers that its own run (`--method` with that method 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,10 @@ from typing import Any
 import torch
 
 import cli
-from engine import Run, fit_group
+from engine import Run, TrainConfig, fit_group
 from methods import HYPERS, METHODS, Method, Setup, TeacherPass, run_name
 from models import MODEL_NAMES
+from runlock import run_folder
 from utils import UserError
 
 DEFAULT_TEACHER = "res110"
@@ -54,7 +56,8 @@ def build_parser() -> cli.Parser:
         if hyper.type is bool:
             group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(f"--{name}", type=hyper.type, default=None, help=text)
+            kind = cli.finite_float if hyper.type is float else hyper.type
+            group.add_argument(f"--{name}", type=kind, default=None, help=text)
     one = parser.add_argument_group(
         "one method's value, with several methods: --METHOD.FLAG",
         "A flag above applies to every named method that takes it; --kd.alpha 0.5 gives KD its own value, "
@@ -70,6 +73,7 @@ def build_parser() -> cli.Parser:
                                  default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             else:
                 kind = HYPERS[name].type if name in HYPERS else str
+                kind = cli.finite_float if kind is float else kind
                 one.add_argument(f"--{dest}", dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -158,6 +162,14 @@ class Student:
     assistant: dict[str, Any] | None  # TAKD: the assistant's checkpoint, which teaches it
 
     @property
+    def provenance(self) -> dict[str, dict[str, str]]:
+        """File and fingerprint of each network the student learns from: --resume refuses a run whose inputs
+        changed on disk."""
+        inputs = {"teacher": self.teacher_ckpt, "heads": self.heads_ckpt, "assistant": self.assistant}
+        return {role: {"file": ckpt["path"], "fingerprint": ckpt["fingerprint"]}
+                for role, ckpt in inputs.items() if ckpt is not None}
+
+    @property
     def teaching(self) -> dict[str, Any] | None:
         """The checkpoint of the network that teaches it; students taught by the same file share its pass."""
         return self.assistant or self.teacher_ckpt
@@ -219,18 +231,32 @@ def build_run(student: Student, shared: TeacherPass | None, data, device: torch.
                             "alpha": 0.0 if method.teacher == "none" else None, "temperature": None, **student.hyper}
     if student.assistant is not None:  # TAKD: the assistant teaches (read_assistant checked its descent)
         meta |= {"teacher_fingerprint": student.teacher_ckpt["fingerprint"], "ta": run.ta,
-                 "ta_fingerprint": student.assistant["fingerprint"]}
+                 "ta_fingerprint": student.assistant["fingerprint"], "ta_ckpt": student.assistant["path"]}
     elif student.teacher_ckpt is not None:
         meta["teacher_fingerprint"] = student.teacher_ckpt["fingerprint"]
+        if student.heads_ckpt is not None:
+            meta["heads_fingerprint"] = student.heads_ckpt["fingerprint"]
     torch.manual_seed(run.seed)
     model = cli.build(run.student, data.num_classes, device, cfg.channels_last, data.image_size)
     setup = Setup(student=model, teacher=shared.teacher if shared else None, hyper=student.hyper, data=data, meta=meta,
-                  heads=shared.heads if shared else None, teacher_ckpt=student.teacher_ckpt, teacher_pass=shared)
+                  heads=shared.heads if shared else None, teacher_ckpt=student.teacher_ckpt, teacher_pass=shared,
+                  provenance=student.provenance, batch_size=cfg.batch_size)
     stage = method.build(setup)
     stage.extras.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     print(f"stage 3: {run.student} by {method.name}" + (f" from {run.teacher}" if run.teacher else "")
           + f" on {device} -> {student.out_dir}")
     return Run(stage, cfg, device, student.out_dir, cli.stored_args(run), name)
+
+
+def group_layout(cfg: TrainConfig, students: list[Student], resume: bool) -> TrainConfig:
+    """`cfg` with the memory layout the students' runs started with, on --resume (cli.keep_layout); students
+    started in different layouts cannot train side by side."""
+    layouts = {student.out_dir: cli.keep_layout(cfg, student.out_dir, resume) for student in students}
+    if len({c.channels_last for c in layouts.values()}) > 1:
+        apart = ", ".join(f"{folder} channels_last={c.channels_last}" for folder, c in layouts.items())
+        raise UserError(f"--resume: these runs started in different memory layouts ({apart}); resume each with "
+                        "--method alone")
+    return next(iter(layouts.values()))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -246,15 +272,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if len(students) > 1:
         print(f"{len(students)} students in {len(groups)} group(s); each batch is drawn once for all, each teacher "
               "runs once per batch for its group:\n" + "\n".join(f"  {describe(group)}" for group in groups))
-    data = cli.load_data(args, device)
-    named = len(students) > 1  # a group's log lines name their student
-    runs, order = [], []
-    for group in groups:
-        shared = teacher_pass(group, data, device, cfg)
-        for student in group:
-            runs.append(build_run(student, shared, data, device, cfg, student.method.name if named else ""))
-            order.append(student)
-    summaries = dict(zip((s.method.name for s in order), fit_group(runs, data, resume=args.resume), strict=True))
+    with contextlib.ExitStack() as held:  # one writer per run folder, from before the data is loaded to the end
+        for student in students:
+            held.enter_context(run_folder(student.out_dir))
+        cfg = group_layout(cfg, students, args.resume)
+        data = cli.load_data(args, device)
+        named = len(students) > 1  # a group's log lines name their student
+        runs, order = [], []
+        for group in groups:
+            shared = teacher_pass(group, data, device, cfg)
+            for student in group:
+                runs.append(build_run(student, shared, data, device, cfg, student.method.name if named else ""))
+                order.append(student)
+        summaries = dict(zip((s.method.name for s in order), fit_group(runs, data, resume=args.resume),
+                             strict=True))
     for student in students:
         summary = summaries[student.method.name]
         print(f"{student.method.name} student {student.args.student}: final test accuracy "

@@ -12,6 +12,7 @@ from checkpoint import model_fingerprint
 from engine import fit
 from heads import heads_for
 from models import MODEL_NAMES
+from runlock import run_folder
 from stages import HeadsTraining
 
 
@@ -23,16 +24,18 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_ckpt = cli.read_teacher(args, args.teacher)  # before any data is loaded
     out_dir = cli.run_dir(args, f"heads-{args.teacher}")
 
-    data = cli.load_data(args, device)
-    teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
-    torch.manual_seed(args.seed)
-    heads = heads_for(teacher, data.num_classes, data.image_size).to(device)
-    taps = ", ".join(heads.tap_names)
-    print(f"stage 2: {len(heads.heads)} heads on {args.teacher} at {taps} on {device} -> {out_dir}")
-    summary = fit(HeadsTraining(teacher, heads, teacher_identity), data, cfg, out_dir, cli.stored_args(args),
-                  resume=args.resume)
-    if model_fingerprint(teacher) != teacher_identity["fingerprint"]:
-        raise RuntimeError("the frozen teacher's weights changed during stage 2")  # a bug, never a user error
+    with run_folder(out_dir):  # one writer per run folder, from before its data is loaded to its end
+        cfg = cli.keep_layout(cfg, out_dir, args.resume)
+        data = cli.load_data(args, device)
+        teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
+        torch.manual_seed(args.seed)
+        heads = heads_for(teacher, data.num_classes, data.image_size).to(device)
+        taps = ", ".join(heads.tap_names)
+        print(f"stage 2: {len(heads.heads)} heads on {args.teacher} at {taps} on {device} -> {out_dir}")
+        stage = HeadsTraining(teacher, heads, teacher_identity, teacher_ckpt["path"])
+        summary = fit(stage, data, cfg, out_dir, cli.stored_args(args), resume=args.resume)
+        if model_fingerprint(teacher) != teacher_identity["fingerprint"]:
+            raise RuntimeError("the frozen teacher's weights changed during stage 2")  # a bug, never a user error
     accs = ", ".join(f"{h['tap']} {h['final_test_acc']:.2f}%" for h in summary["heads"])
     print(f"heads: {accs}; teacher's own classifier {summary['final_classifier_test_acc']:.2f}%")
     return summary

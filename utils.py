@@ -22,6 +22,56 @@ class UserError(Exception):
     """A problem with what the user asked for. The CLI prints its one-line message and exits 2."""
 
 
+class WriteError(UserError):
+    """A file could not be written (a full disk, a file-size limit, a read-only or vanished folder): the message
+    names the file and the OS error; `atomic_open` left whatever was there before untouched."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(f"cannot write {path} ({err.strerror or err})")
+        self.path = path
+
+
+# What torch.manual_seed and torch.Generator.manual_seed accept: a 64-bit seed, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """`seed`, if torch can seed its generators with it."""
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise UserError(f"{flag} {seed} is out of range: torch takes seeds from {low} to {high}")
+    return seed
+
+
+def check_writable_dir(folder: Path, flag: str) -> None:
+    """Create `folder` if need be and write (then remove) a file in it: an unusable folder is refused up front
+    rather than after the work whose results it should hold."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder: choose another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"probe")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        reason = err.strerror or err
+        raise UserError(f"{flag} {folder} cannot be written ({reason}): choose a writable {flag}") from None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: a GPU's free memory, the host's MemAvailable; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def resolve_device(gpu_id: str | None) -> torch.device:
     """`None` → the first GPU if there is one, else the CPU; `0` or `cuda:1` → that GPU; `cpu` → the CPU."""
     if gpu_id is None or gpu_id == "":
@@ -137,10 +187,14 @@ def lr_at(epoch: int, base_lr: float, milestones: list[int], gamma: float) -> fl
 @contextlib.contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that becomes `path` only once fully written: written under a temporary name beside it,
-    flushed to disk, then renamed into place; removed if anything fails. No reader ever sees half a file."""
+    flushed to disk, then renamed into place; removed if anything fails. No reader ever sees half a file.
+    An OS error (a full disk, a file-size limit) is a `WriteError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise WriteError(path, err) from None
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes files private; results and data are meant to be shared
         with os.fdopen(fd, "wb") as f:
@@ -148,8 +202,10 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise WriteError(path, err) from None
         raise
 
 

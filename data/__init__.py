@@ -35,14 +35,14 @@ from .device import (
     to_device,
     train_batches,
 )
-from .npz import NpzSource, save_npz
+from .npz import NpzSource, npz_name, save_npz
 from .synthetic import SyntheticSource, make_synthetic
 from .tinyimagenet import TinyImageNetSource
 
 __all__ = [
-    "BUILTIN", "CIFAR_SOURCES", "DEFAULT_PAD_MODE", "PAD", "PAD_MODES", "SOURCES", "TINYIMAGENET", "Batch",
-    "CifarSource", "DataError", "DeviceDataset", "HostData", "NpzSource", "Source", "SyntheticSource",
-    "TinyImageNetSource", "crop_flip", "dataset_tag", "from_arrays", "load_dataset", "make_synthetic",
+    "BUILTIN", "CIFAR_SOURCES", "DEFAULT_PAD_MODE", "DOWNLOADED_NAMES", "PAD", "PAD_MODES", "SOURCES", "TINYIMAGENET",
+    "Batch", "CifarSource", "DataError", "DeviceDataset", "HostData", "NpzSource", "Source", "SyntheticSource",
+    "TinyImageNetSource", "crop_flip", "dataset_tag", "from_arrays", "load_dataset", "make_synthetic", "npz_name",
     "num_train_batches", "save_npz", "source_for", "test_batches", "train_batches",
 ]
 
@@ -50,6 +50,7 @@ TINYIMAGENET = TinyImageNetSource()
 SOURCES: dict[str, Source] = {**CIFAR_SOURCES, "tinyimagenet": TINYIMAGENET, "synthetic": SyntheticSource()}
 BUILTIN = tuple(SOURCES)
 DOWNLOADED = (CifarSource, TinyImageNetSource)  # the sources a --data_url can point at
+DOWNLOADED_NAMES = tuple(name for name, source in SOURCES.items() if isinstance(source, DOWNLOADED))
 
 
 def dataset_tag(spec: str) -> str:
@@ -78,7 +79,7 @@ def load_dataset(
     source = source or source_for(spec)
     if url is not None:
         if not isinstance(source, DOWNLOADED):
-            names = ", ".join(name for name, s in SOURCES.items() if isinstance(s, DOWNLOADED))
+            names = ", ".join(DOWNLOADED_NAMES)
             raise DataError(f"--data_url is a mirror of a downloaded archive ({names}); {spec} has none")
         source = dataclasses.replace(source, url=url)
     return to_device(source.load(Path(data_dir).expanduser()), device)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, extract_archive
 
 from .base import RGB, DataError, HostData, one_line
-from .download import fetch
+from .download import fetch, preparing
 
 IMAGE_SIZE = 32
 
@@ -39,14 +42,10 @@ class CifarSource:
         """Fetch and extract when absent, check every file's md5, parse."""
         folder = data_dir / self.folder
         files = self.train_files + self.test_files
-        if not all((folder / name).is_file() for name, _ in files):
-            fetch(self.title, self.url, data_dir / self.archive, self.archive_md5)
-            try:
-                extract_archive(str(data_dir / self.archive), str(data_dir))
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                raise DataError(
-                    f"could not extract {data_dir / self.archive} ({one_line(exc)}): delete it and run again"
-                ) from exc
+        if not self._extracted(folder):
+            with preparing(data_dir, self.archive):
+                if not self._extracted(folder):  # else another process has just extracted it
+                    self._fetch_and_extract(data_dir)
         for name, md5 in files:
             if not check_integrity(folder / name, md5):
                 raise DataError(f"{folder / name} is missing or fails its md5 check: delete {folder} and run again")
@@ -58,6 +57,30 @@ class CifarSource:
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise DataError(f"labels in {folder} are outside 0..{self.num_classes - 1}: delete it and run again")
         return HostData(self.name, self.num_classes, *splits, self.mean, self.std)
+
+    def _extracted(self, folder: Path) -> bool:
+        return all((folder / name).is_file() for name, _ in self.train_files + self.test_files)
+
+    def _fetch_and_extract(self, data_dir: Path) -> None:
+        """Fetch the archive if need be and extract it beside, then rename the folder into place: a process
+        that finds the folder finds it whole."""
+        fetch(self.title, self.url, data_dir / self.archive, self.archive_md5)
+        scratch = None
+        try:
+            scratch = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{self.folder}."))
+            extract_archive(str(data_dir / self.archive), str(scratch))
+            if not (scratch / self.folder).is_dir():
+                raise DataError(f"{data_dir / self.archive} holds no {self.folder}/: delete it and run again")
+            shutil.rmtree(data_dir / self.folder, ignore_errors=True)  # an incomplete earlier extraction
+            os.replace(scratch / self.folder, data_dir / self.folder)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise DataError(
+                f"could not extract {data_dir / self.archive} into {data_dir} ({one_line(exc)}): delete the archive "
+                "and run again, or pass another --data_dir"
+            ) from exc
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _from_torchvision(cls: type[CIFAR10], name: str, title: str, label_key: bytes, num_classes: int, mean: RGB,

@@ -2,20 +2,48 @@
 
 Shared by CIFAR and Tiny-ImageNet. An archive already in the data folder is checked rather than
 re-downloaded; a download that fails its checks is deleted, so no bad archive is ever left to be trusted.
+Whatever is fetched, extracted or decoded into the data folder is made under `preparing`'s lock, so that
+concurrent first runs (a sweep's first level) do it once and all use the one checked result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from torchvision.datasets.utils import check_integrity, download_url
 
+import runlock
+
 from .base import DataError, one_line
+
+
+@contextlib.contextmanager
+def preparing(data_dir: Path, archive: str) -> Iterator[None]:
+    """Be the one process fetching, extracting or decoding `archive` in `data_dir`; the others wait their turn,
+    then find the work done (callers look again once inside)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the data directory {data_dir} ({one_line(exc)}): pass another "
+                        "--data_dir") from exc
+
+    def waiting(holder: str) -> None:
+        print(f"waiting for {holder} to prepare {archive} in {data_dir}", flush=True)
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(runlock.hold(data_dir / f".{archive}.lock", wait=waiting))
+        except runlock.Unwritable as bad:
+            raise DataError(f"cannot write in the data directory {data_dir} ({bad.reason}): pass a writable "
+                            "--data_dir, or place the dataset there") from None
+        yield
 
 
 def _size_problem(path: Path, size: int | None) -> str:
@@ -34,13 +62,7 @@ def fetch(title: str, url: str, archive: Path, md5: str, size: int | None = None
         if problem:
             raise DataError(f"{archive} {problem} (expected md5 {md5}): delete it to download it again")
         return
-    root = archive.parent
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"cannot create the data directory {root} ({one_line(exc)}): pass another --data_dir"
-        ) from exc
+    root = archive.parent  # exists: `preparing` made it
     tmp = root / f"{archive.name}.{os.getpid()}.part"  # download_url skips files that already exist
     try:
         try:

@@ -55,8 +55,17 @@ class NpzSource:
                         raise DataError(f"{path}: array {name} could not be read ({one_line(exc)})") from exc
         except (OSError, zipfile.BadZipFile) as exc:
             raise DataError(f"{path} could not be read as an npz archive ({one_line(exc)})") from exc
-        digest = hashlib.sha256()
+        return arrays.host_data(npz_name(path), str(path), found)
+
+
+def npz_name(path: Path) -> str:
+    """What runs on the npz at `path` record as their dataset: `npz:<stem>:<sha256 prefix of the file>`, so a
+    regenerated file of the same name is another dataset."""
+    digest = hashlib.sha256()
+    try:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
-        return arrays.host_data(f"npz:{path.stem}:{digest.hexdigest()[:12]}", str(path), found)
+    except OSError as exc:
+        raise DataError(f"{path} could not be read ({one_line(exc)})") from exc
+    return f"npz:{path.stem}:{digest.hexdigest()[:12]}"

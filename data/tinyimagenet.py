@@ -22,9 +22,11 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from tqdm import tqdm
 
+from utils import WriteError
+
 from . import cache
 from .base import RGB, DataError, HostData, one_line
-from .download import fetch
+from .download import fetch, preparing
 
 ROOT = "tiny-imagenet-200"  # the folder every member of the zip sits in
 CACHE_VERSION = 1  # bump when the decoded arrays would differ (order, labels, decoder mode)
@@ -56,24 +58,37 @@ class TinyImageNetSource:
 
     def load(self, data_dir: Path) -> HostData:
         """The cached arrays if the cache is sound, else the archive (fetched if absent) decoded and cached."""
-        path, key = self.cache_path(data_dir), self.cache_key()
-        try:
-            cached = cache.read(path, key)
-        except cache.StaleCache as why:
-            print(f"{path} {why}: rebuilding it")
-            cached = None
+        cached = self._cached(data_dir, report=True)
         if cached is None:
-            archive = data_dir / self.archive
-            fetch(self.title, self.url, archive, self.archive_md5, self.archive_size)
-            arrays, wnids = _decode_archive(archive, self.image_size)
-            try:
-                cache.write(path, arrays, key, {"wnids": wnids})
-            except OSError as exc:
-                raise DataError(f"cannot write {path} ({one_line(exc)}): pass a writable --data_dir") from exc
-        else:
-            arrays, wnids = cached[0], cached[1]["wnids"]
+            with preparing(data_dir, self.archive):
+                cached = self._cached(data_dir, report=False)  # built meanwhile by another process?
+                if cached is None:
+                    cached = self._build(data_dir)
+        arrays, wnids = cached
         return HostData(self.name, len(wnids), arrays["x_train"], arrays["y_train"], arrays["x_test"],
                         arrays["y_test"], self.mean, self.std)
+
+    def _cached(self, data_dir: Path, report: bool) -> tuple[dict[str, np.ndarray], list[str]] | None:
+        """The cache's arrays and wnids; None if there is none or it must be rebuilt (`report`: say why)."""
+        path = self.cache_path(data_dir)
+        try:
+            cached = cache.read(path, self.cache_key())
+        except cache.StaleCache as why:
+            if report:
+                print(f"{path} {why}: rebuilding it")
+            return None
+        return None if cached is None else (cached[0], cached[1]["wnids"])
+
+    def _build(self, data_dir: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Fetch the archive if need be, decode it, and write the cache."""
+        archive, path = data_dir / self.archive, self.cache_path(data_dir)
+        fetch(self.title, self.url, archive, self.archive_md5, self.archive_size)
+        arrays, wnids = _decode_archive(archive, self.image_size)
+        try:
+            cache.write(path, arrays, self.cache_key(), {"wnids": wnids})
+        except WriteError as exc:
+            raise DataError(f"{exc}: pass a writable --data_dir") from None
+        return arrays, wnids
 
 
 def _decode_archive(archive: Path, size: int) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -9,6 +9,8 @@
     tofd     aux classifiers' pooled features and logits         methods/tofd.py  (teacher: train_teacher.py --tofd)
     mhkd     logits of conv heads on taps 1-2 of both networks   methods/mhkd.py  (teacher heads trained in the run)
     dih      the teacher's classifier + its k heads, at once     methods/dih.py
+    dkd      target / non-target classes of KD apart (DKD)       methods/dkd.py   (not in the paper: the
+             logit method later comparisons are made against)
 
 `METHODS` maps each name to its `Method` record; `run_name` is the folder name a student run gets.
 """
@@ -17,15 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import at, ce, crd, dih, fitnets, kd, mhkd, takd, tofd
+from . import at, ce, crd, dih, dkd, fitnets, kd, mhkd, takd, tofd
 from .base import HYPERS, Hyper, Method, Setup, StudentStage, TeacherOutputs, TeacherPass
 
 __all__ = ["HYPERS", "METHODS", "Hyper", "Method", "Setup", "StudentStage", "TeacherOutputs", "TeacherPass",
            "run_name"]
 
-# In the order of the paper's comparison table.
+# In the order of the paper's comparison table, then DKD (which came after the paper).
 METHODS: dict[str, Method] = {
-    module.METHOD.name: module.METHOD for module in (ce, kd, fitnets, takd, at, crd, tofd, mhkd, dih)
+    module.METHOD.name: module.METHOD for module in (ce, kd, fitnets, takd, at, crd, tofd, mhkd, dih, dkd)
 }
 
 # Shown in every folder name of the methods that take them; other hyper-parameters only when not the default.

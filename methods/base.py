@@ -13,7 +13,7 @@ reads of them (its `needs`), so that a pass serves a group of KD students withou
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -76,10 +76,11 @@ class Hyper:
 
 
 HYPERS: dict[str, Hyper] = {
-    "alpha": Hyper(float, "weight of the KD term", lambda v: 0 <= v <= 1, "in [0, 1]", "a"),
+    "alpha": Hyper(float, "weight of the KD term (DKD: of its target-class term)", lambda v: 0 <= v <= 1,
+                   "in [0, 1]", "a"),
     "temperature": Hyper(float, "softmax temperature of the KD term", lambda v: v > 0, "positive", "t"),
-    "beta": Hyper(float, "weight of the method's own term (feature, attention, contrastive, head KD)",
-                  lambda v: v >= 0, "non-negative", "b"),
+    "beta": Hyper(float, "weight of the method's own term (feature, attention, contrastive, head KD; DKD: its "
+                         "non-target-class term)", lambda v: v >= 0, "non-negative", "b"),
     "cohort_reduction": Hyper(str, "sum the DIH loss over the cohort (the paper's code) or average it",
                               lambda v: v in ("sum", "mean"), "sum or mean"),
     "hint_epochs": Hyper(int, "epochs of FitNets' hint phase", lambda v: v >= 1, "at least 1", "h"),
@@ -88,6 +89,8 @@ HYPERS: dict[str, Hyper] = {
     "nce_m": Hyper(float, "CRD: momentum of the memory banks", lambda v: 0 <= v < 1, "in [0, 1)"),
     "feat_dim": Hyper(int, "CRD: width of the embeddings", lambda v: v >= 1, "at least 1"),
     "orth": Hyper(float, "TOFD: weight of the links' orthogonality term", lambda v: v >= 0, "non-negative"),
+    "warmup": Hyper(int, "DKD: epochs over which its distillation terms ramp up (weight min(e/warmup, 1) at epoch e)",
+                    lambda v: v >= 1, "at least 1"),
     "detach": Hyper(bool, "MHKD: detach the teacher heads' logits in the KD terms (off: the original code)"),
 }
 
@@ -104,6 +107,8 @@ class Setup:
     heads: nn.Module | None = None  # DIH's stage-2 heads, frozen
     teacher_ckpt: dict[str, Any] | None = None  # the teacher's checkpoint as read (its "path" included)
     teacher_pass: TeacherPass | None = None  # shared by the students of a group; else made from teacher and heads
+    provenance: dict[str, dict[str, str]] = field(default_factory=dict)  # file and fingerprint of each input network
+    batch_size: int | None = None  # of training, where known: a method may check that its memory needs fit
 
 
 @dataclass(frozen=True)
@@ -137,3 +142,6 @@ class StudentStage(Stage):
 
     def summary_fields(self, last: dict[str, Any]) -> dict[str, Any]:
         return self.setup.meta
+
+    def provenance(self) -> dict[str, dict[str, str]]:
+        return self.setup.provenance

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from data import Batch
 from engine import StepOutput
 from losses import soft_kl
+from utils import UserError, available_memory
 
 from .base import FEATURES, Method, Setup, StudentStage, TeacherOutputs
 
@@ -112,10 +113,46 @@ def contrast_loss(x: Tensor, n_data: int) -> Tensor:
     return -(positive.sum() + negative.sum()) / x.shape[0]
 
 
+def memory_needed(n: int, k: int, dim: int, batch: int, features: tuple[int, int], exact: bool) -> int:
+    """Bytes CRD needs at least, beyond the networks: what `ContrastiveDistillation` allocates and what one
+    training step of `batch` samples holds at once. A lower bound: autograd's and the allocator's overheads come
+    on top.
+
+    n training samples, k negatives, dim the embedding width, features the two pooled widths; exact: negatives
+    drawn without replacement (a (B, N) table of keys) rather than with.
+    """
+    fp32, int64 = 4, 8
+    banks = 2 * n * dim * fp32 * 2  # the two banks, and the copies a step scores against
+    embeddings = sum(3 * (width + 1) * dim * fp32 for width in features)  # weights, gradients, momentum
+    scores = 2 * batch * n * fp32  # each embedding against a whole bank
+    contrast = batch * (k + 1) * (int64 + 2 * 2 * fp32)  # indices; both sides' scores, before and after Z
+    sampler = batch * n * fp32 * 2 if exact else batch * k * (fp32 + int64)  # keys, or draws and their positions
+    return banks + embeddings + scores + contrast + sampler
+
+
+def check_fits(setup: Setup) -> None:
+    """Refuse --nce_k or --feat_dim values whose memory banks and scores cannot fit on the training device,
+    before allocating any of them."""
+    h, data = setup.hyper, setup.data
+    n, device = len(data.y_train), data.y_train.device
+    available = available_memory(device)
+    if available is None:
+        return
+    exact = h["nce_k"] <= n - int(torch.bincount(data.y_train.cpu()).max())  # as NegativeSampler decides
+    need = memory_needed(n, h["nce_k"], h["feat_dim"], setup.batch_size or 1,
+                         (setup.student.feature_dim, setup.teacher.feature_dim), exact)
+    if need > available:
+        raise UserError(f"--nce_k {h['nce_k']} and --feat_dim {h['feat_dim']}: CRD needs at least {need / 1e9:,.1f} "
+                        f"GB for its memory banks ({n:,} samples) and the scores of a batch, but {device} has "
+                        f"{available / 1e9:,.1f} GB available; lower --nce_k (RepDistiller's: 16384) or --feat_dim "
+                        "(128)")
+
+
 class ContrastiveDistillation(StudentStage):
     needs = frozenset({FEATURES})
 
     def __init__(self, setup: Setup):
+        check_fits(setup)
         h, data = setup.hyper, setup.data
         n = len(data.y_train)
         extras = {

@@ -2,12 +2,14 @@
 
 The assistant is an ordinary KD student of the teacher, trained by `test_dih.py --method kd` into its default
 folder; `--method takd` finds it there (or takes `--ta_ckpt`), checks that it was distilled from this very
-teacher, and trains the student by KD from it. Both legs use KD's settings.
+teacher, and trains the student by KD from it. Both legs use the same α and T: KD's defaults, or the --alpha and
+--temperature given, under which the assistant is looked for too. The run records the assistant's file.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Any
 
 import torch
@@ -48,10 +50,13 @@ def read_assistant(args: argparse.Namespace, teacher_ckpt: dict[str, Any]) -> di
     if ta is None:
         raise UserError(f"--method takd: no default assistant for a {args.teacher} teacher (TAKD needs one smaller "
                         "than the teacher): pass --ta NAME")
-    kd_run = run_name(ta, "kd", args.teacher, KD.defaults)
+    hyper = {"alpha": args.alpha, "temperature": args.temperature}  # as given, or KD's defaults (test_dih.resolve)
+    kd_run = run_name(ta, "kd", args.teacher, hyper)
     path = args.ta_ckpt or default_dir(dataset_tag(args.dataset), kd_run, args.seed) / "student.pt"
-    command = (f"python3 test_dih.py --method kd --student {ta} --teacher {args.teacher} --dataset {args.dataset} "
-               f"--seed {args.seed}" + (f" --teacher_ckpt {args.teacher_ckpt}" if args.teacher_ckpt else ""))
+    command = shlex.join(["python3", "test_dih.py", "--method", "kd", "--student", ta, "--teacher", args.teacher,
+                          *(["--teacher_ckpt", args.teacher_ckpt] if args.teacher_ckpt else []),
+                          "--dataset", args.dataset, "--seed", str(args.seed),
+                          *[f"--{key}={value:g}" for key, value in hyper.items() if value != KD.defaults[key]]])
     ckpt = load_checkpoint(path, "student", "--ta_ckpt", hint=f"train the assistant with: {command}")
     if ckpt.get("model") != ta:
         raise UserError(f"--ta_ckpt: {path} holds a {ckpt.get('model')}, not the assistant {ta}")

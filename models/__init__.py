@@ -1,15 +1,20 @@
-"""Model registry: every teacher and student the scripts can name, built by `build_model`."""
+"""Model registry: every teacher and student the scripts can name, built by `build_model`.
+
+RepDistiller's benchmark models under our names: resnet8..resnet110 are res8..res110, resnet8x4 and
+resnet32x4 are res8x4 and res32x4, vgg8 and vgg13 (its vgg8_bn, vgg13_bn) are vgg8 and vgg13, and wrn_16_2,
+wrn_40_1, wrn_40_2 keep their names (`REPDISTILLER_NAMES`). Its vgg11 is not our vgg11 (the DIH authors').
+"""
 
 from collections.abc import Callable
 from functools import partial
 
 from .base import Features, TapModel
 from .resnet import ResNet
-from .resnet_cifar import CifarResNet
-from .vgg import VGG11
+from .resnet_cifar import WIDTHS_X4, CifarResNet
+from .vgg import VGG11, BenchmarkVGG
 from .wrn import WideResNet
 
-__all__ = ["MODEL_NAMES", "Features", "TapModel", "build_model"]
+__all__ = ["MODEL_NAMES", "REPDISTILLER_NAMES", "Features", "TapModel", "build_model"]
 
 _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "res8": partial(CifarResNet, 8),
@@ -19,15 +24,27 @@ _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "res44": partial(CifarResNet, 44),
     "res56": partial(CifarResNet, 56),
     "res110": partial(CifarResNet, 110),
+    "res8x4": partial(CifarResNet, 8, widths=WIDTHS_X4),
+    "res32x4": partial(CifarResNet, 32, widths=WIDTHS_X4),
     "res18": partial(ResNet, (2, 2, 2, 2)),
     "res34": partial(ResNet, (3, 4, 6, 3)),
     "vgg11": VGG11,
+    "vgg8": partial(BenchmarkVGG, "vgg8"),
+    "vgg13": partial(BenchmarkVGG, "vgg13"),
     "wrn_16_2": partial(WideResNet, 16, 2),
     "wrn_28_2": partial(WideResNet, 28, 2),
+    "wrn_40_1": partial(WideResNet, 40, 1),
     "wrn_40_2": partial(WideResNet, 40, 2),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+# Our name -> RepDistiller's (and mdistiller's): its model_dict keys and its teacher folders `<name>_vanilla`.
+REPDISTILLER_NAMES: dict[str, str] = {
+    **{f"res{depth}": f"resnet{depth}" for depth in (8, 14, 20, 32, 44, 56, 110)},
+    "res8x4": "resnet8x4", "res32x4": "resnet32x4", "vgg8": "vgg8", "vgg13": "vgg13",
+    "wrn_16_2": "wrn_16_2", "wrn_40_1": "wrn_40_1", "wrn_40_2": "wrn_40_2",
+}
 
 
 def build_model(name: str, num_classes: int) -> TapModel:

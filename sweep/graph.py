@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data import BUILTIN
+from data import BUILTIN, npz_name
 from methods import METHODS as REGISTRY
 from utils import UserError
 
@@ -66,24 +67,25 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
     """Every stage run of the sweep, once each, in dependency order; with `group`, the students that one teacher
     run teaches (same student model, seed and recipe) as one node.
 
-    Teachers first (plain, and TOFD's variant where the sweep has TOFD), then what is trained on a teacher and
-    shared by students (DIH's heads, TAKD's assistant), then every student. What a student method needs is
-    read from its `Method` record, so a new method needs no change here.
+    Teachers first (plain, or imported from --import_teachers; and TOFD's variant where the sweep has TOFD), then
+    what is trained on a teacher and shared by students (DIH's heads, TAKD's assistant), then every student. What a
+    student method needs is read from its `Method` record, so a new method needs no change here.
     """
     nodes: dict[Path, Node] = {}
     members: dict[Path, Member] = {}
     methods = [REGISTRY[m] for m in sweep.methods]
 
-    def add(label: str, script: str, out_dir: Path, epochs: int, seed: int, flags: list[str], deps: list[Path],
-            expect: dict[str, Any]) -> None:
-        argv = [sys.executable, str(ROOT / script), *flags, *stage_flags(sweep, epochs, seed), "--out_dir",
-                str(out_dir), "--resume"]
-        expect = {**expect, **hyper_parameters(sweep, epochs, seed)}
+    def add(label: str, script: str, out_dir: Path, epochs: int | None, seed: int, flags: list[str],
+            deps: list[Path], expect: dict[str, Any]) -> None:
+        """A run of `script`; `epochs=None`: an import, which takes no training flags and records no recipe."""
+        common = stage_flags(sweep, epochs, seed) if epochs else data_flags(sweep, seed)
+        argv = [sys.executable, str(ROOT / script), *flags, *common, "--out_dir", str(out_dir), "--resume"]
+        expect = {**expect, **(hyper_parameters(sweep, epochs, seed) if epochs else {"seed": seed})}
         nodes.setdefault(out_dir, Node(label, out_dir, argv, deps, {out_dir: expect}))
 
     def add_student(student: str, method: str, teacher: str, seed: int, extra: list[str], deps: list[Path],
                     expect: dict[str, Any]) -> Path:
-        hyper = sweep.hyper(method)
+        hyper = sweep.hyper(method, teacher, student)
         name = f"{method} student {student}" + (f" <- {teacher}" if REGISTRY[method].teacher != "none" else "")
         out_dir = sweep.student_dir(student, method, teacher, seed)
         add(f"{name} seed {seed}", "test_dih.py", out_dir, sweep.epochs, seed,
@@ -96,6 +98,12 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
         for teacher in sweep.teachers:
             for seed in sweep.seeds:
                 tofd = variant == "tofd"
+                source = None if tofd else sweep.import_file(teacher)
+                if source is not None:  # a TOFD teacher is always trained: its classifiers are part of it
+                    add(f"teacher {teacher} seed {seed} (imported)", "train_teacher.py",
+                        sweep.teacher_dir(teacher, seed), None, seed, ["--model", teacher, "--import", str(source)],
+                        [], {"stage": "teacher", "model": teacher, "imported_file": str(source)})
+                    continue
                 add(f"{'TOFD ' if tofd else ''}teacher {teacher} seed {seed}", "train_teacher.py",
                     sweep.teacher_dir(teacher, seed, variant), sweep.teacher_epochs, seed,
                     ["--model", teacher, *(["--tofd"] if tofd else [])], [],
@@ -112,7 +120,7 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
                 add_student(ta, "kd", teacher, seed, uses_teacher, [teacher_dir], {"teacher": teacher})
     for student in sweep.students:
         for method in methods:
-            for teacher in sweep.teachers:  # a CE student's folder names no teacher: `add` keeps one node
+            for teacher in sweep.teachers_of(student):  # a CE student's folder names no teacher: `add` keeps one node
                 for seed in sweep.seeds:
                     if method.teacher == "none":
                         add_student(student, method.name, teacher, seed, [], [], {"teacher": None})
@@ -135,7 +143,7 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
                     if method.teacher == "plain" and not method.assistant:  # taught by the teacher run itself
                         heads = sweep.heads_dir(teacher, seed) / "heads.pt" if method.heads else None
                         members.setdefault(out_dir, Member((student, teacher, seed), method.name,
-                                                           sweep.hyper(method.name), heads))
+                                                           sweep.hyper(method.name, teacher, student), heads))
     graph = list(nodes.values())
     return group_students(sweep, graph, members) if group else graph
 
@@ -186,14 +194,19 @@ def hyper_flags(hyper: dict[str, Any], prefix: str = "") -> list[str]:
     return flags
 
 
+def data_flags(sweep: Sweep, seed: int) -> list[str]:
+    """The data and the seed: all an imported teacher's run takes."""
+    return ["--dataset", sweep.dataset, "--data_dir", sweep.data_dir, "--seed", str(seed),
+            *(["--data_url", sweep.data_url] if sweep.data_url else [])]
+
+
 def stage_flags(sweep: Sweep, epochs: int, seed: int) -> list[str]:
     """The flags every stage script takes, spelled out so that each command stands on its own."""
     return [
-        "--dataset", sweep.dataset, "--data_dir", sweep.data_dir, "--seed", str(seed), "--epochs", str(epochs),
+        *data_flags(sweep, seed), "--epochs", str(epochs),
         "--batch_size", str(sweep.batch_size), "--lr", str(sweep.lr), "--momentum", str(sweep.momentum),
         "--wd", str(sweep.wd), "--nesterov" if sweep.nesterov else "--no-nesterov",
         "--schedule", *schedule_tokens(sweep.schedule), "--gamma", str(sweep.gamma),
-        *(["--data_url", sweep.data_url] if sweep.data_url else []),
     ]
 
 
@@ -269,5 +282,21 @@ def run_is_finished(out_dir: Path, expect: dict[str, Any], dataset: str) -> bool
 
 
 def dataset_matches(recorded: str, dataset: str) -> bool:
-    """A user's npz is recorded as `npz:<stem>:<hash>` (see data.load_dataset); the others by their name."""
-    return recorded == dataset if dataset in BUILTIN else recorded.startswith(f"npz:{Path(dataset).stem}:")
+    """A user's npz is recorded as `npz:<stem>:<hash of its content>` (data.npz_name), so a run on an earlier
+    file of the same name is not taken for one on this file; the others by their name."""
+    return recorded == (dataset if dataset in BUILTIN else dataset_name(Path(dataset).expanduser()))
+
+
+def dataset_name(path: Path) -> str:
+    """The npz's recorded name, hashed once per version of the file (a sweep asks for each of its runs)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        raise UserError(f"--dataset {path}: no such file, so the sweep's runs cannot be checked against it; pass "
+                        "the npz they were trained on") from None
+    return _hashed_name(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _hashed_name(path: Path, size: int, mtime_ns: int) -> str:
+    return npz_name(path)  # size and mtime are part of the cache's key: a rewritten file is hashed again

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from utils import UserError, resolve_device
+import runlock
+from utils import UserError, check_writable_dir, resolve_device
 
 from .graph import Node, Outcome, finished_runs, read_summary
 
@@ -63,7 +64,8 @@ def execute(
                 elif free and all(dep in done for dep in node.deps):
                     pending.remove(node)
                     slot = free.pop(0)
-                    running[slot] = (node, *launch(node, slots[slot], env), time.perf_counter())
+                    with signals_deferred():  # a run is listed (to be stopped on SIGINT/SIGTERM) as it starts
+                        running[slot] = (node, *launch(node, slots[slot], env), time.perf_counter())
                     outcome.launched.append(node)
                     device = f" on GPU {slots[slot]}" if slots[slot] is not None else ""
                     log(f"start  {node.label}{device} -> {node.out_dir}")
@@ -85,33 +87,69 @@ def execute(
                     log(f"FAILED {node.label} (exit {process.returncode}, {seconds:.0f} s): {shlex.join(node.argv)}")
                     for line in stderr_tail(node.out_dir / "stderr.txt", err_offset):
                         log(f"       | {line}")
-    finally:
-        for _, process, _, _ in running.values():  # interrupted: leave no orphan writing into a run folder
-            process.terminate()
-            process.wait()
+    finally:  # interrupted (SIGINT, SIGTERM, an error): leave no stage run writing into a run folder
+        with signals_deferred():  # a second Ctrl-C waits until they are all stopped
+            stop([process for _, process, _, _ in running.values()])
     return outcome
 
 
 @contextlib.contextmanager
-def exclusive(folder: Path) -> Iterator[None]:
-    """One sweep at a time per dataset folder: two would train a shared run into the same folder at once."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".reproduce.lock", "w") as lock:
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block take effect at its end. (Not by blocking them: a process
+    started in the block would inherit the blocked mask, and could not be stopped.)"""
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def stop(processes: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """End stage runs and everything they started (each leads a process group of its own): SIGTERM, which they
+    answer by letting go of their run folder at once, then SIGKILL for any still there after `grace_s`."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another reproduce.py is running in {folder}; let it finish first") from None
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """One sweep at a time per dataset folder: a second one would only find its runs' folders locked."""
+    check_writable_dir(folder, "--runs_dir")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(runlock.hold(folder / ".reproduce.lock"))
+        except runlock.Busy as busy:
+            raise UserError(f"another reproduce.py is running in {folder} ({busy.holder}); let it finish "
+                            "first") from None
         yield
 
 
 def launch(node: Node, gpu: str | None, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """Start a node's command, appending to its logs; return the process and where its stderr starts."""
+    """Start a node's command, appending to its logs; return the process and where its stderr starts.
+
+    Each run leads a session and process group of its own: a Ctrl-C in the terminal reaches reproduce.py alone,
+    which then stops every run with all it started (`stop`).
+    """
     node.out_dir.mkdir(parents=True, exist_ok=True)
     argv = node.argv + (["--gpu_id", gpu] if gpu is not None else [])
     with open(node.out_dir / "log.txt", "a") as out, open(node.out_dir / "stderr.txt", "a") as err:
         out.write(f"$ {shlex.join(argv)}\n")
         out.flush()
-        return subprocess.Popen(argv, stdout=out, stderr=err, env=env), err.tell()
+        return subprocess.Popen(argv, stdout=out, stderr=err, env=env, start_new_session=True), err.tell()
 
 
 def stderr_tail(path: Path, offset: int, lines: int = 8) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 from methods.takd import parameter_count
 from utils import atomic_write_text
 
+from . import published
 from .graph import read_summary
 from .grid import METHODS, Sweep
 
@@ -59,7 +60,7 @@ def aggregate(sweep: Sweep) -> list[dict[str, str | Stat]]:
         teachers = [read_summary(sweep.teacher_dir(teacher, seed)) for seed in sweep.seeds]
         heads = [read_summary(sweep.heads_dir(teacher, seed)) for seed in sweep.seeds]
         taps = list(dict.fromkeys(h["tap"] for summary in heads if summary for h in summary["heads"]))
-        for student in sweep.students:
+        for student in [s for t, s in sweep.pairs if t == teacher]:
             row: dict[str, str | Stat] = {"teacher": teacher, "student": student,
                                           "teacher acc": final_accs(teachers)}
             if "tofd" in sweep.methods:
@@ -148,6 +149,8 @@ def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(sweep.teachers), figsize=(max(6.5, 5.0 * len(sweep.teachers)), 4), squeeze=False)
     for ax, teacher in zip(axes[0], sweep.teachers, strict=True):
         for student_index, student in enumerate(sweep.students):
+            if teacher not in sweep.teachers_of(student):
+                continue
             for method in sweep.methods:
                 runs = [sweep.student_dir(student, method, teacher, seed) for seed in sweep.seeds]
                 curves = [curve for run in runs if (curve := read_curve(run))]
@@ -211,11 +214,21 @@ def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
     plt.close(fig)
 
 
+def literature(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> str:
+    """The published numbers beside ours (sweep/published.py): literature.csv, and a section for results.md."""
+    lines = published.comparison(published.read_published(sweep.published), rows, sweep.methods, label)
+    atomic_write_text(out / "literature.csv", published.to_csv(lines))
+    return published.to_markdown(lines, sweep.published, sweep.dataset)
+
+
 def report(sweep: Sweep) -> str:
-    """Write results.md, results.csv and the plots from whatever runs exist; return the markdown table."""
+    """Write results.md, results.csv and the plots (and literature.csv where the sweep has published numbers to
+    compare with) from whatever runs exist; return the markdown."""
     rows = aggregate(sweep)
     out = sweep.results_dir / sweep.name
     table = to_markdown(sweep, rows)
+    if sweep.published is not None:
+        table += "\n" + literature(sweep, rows, out)
     atomic_write_text(out / "results.md", table)
     atomic_write_text(out / "results.csv", to_csv(rows))
     plot(sweep, rows, out)

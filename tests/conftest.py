@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -30,18 +33,73 @@ def tiny_npz(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def micro_npz(tmp_path_factory) -> Path:
+    """64 training and 32 test images of the synthetic set: one batch an epoch, for tests of what runs do around
+    training (checks, files, resumption) rather than of training itself."""
+    path = tmp_path_factory.mktemp("data") / "micro.npz"
+    save_npz(path, *make_synthetic(64, 32, seed=0))
+    return path
+
+
+@pytest.fixture(scope="session")
+def res8_teacher(micro_npz, tmp_path_factory) -> Path:
+    """A res8 teacher trained for one epoch on `micro_npz`: for tests that need some trained teacher file."""
+    import train_teacher
+
+    out = tmp_path_factory.mktemp("res8_teacher")
+    train_teacher.main(["--model", "res8", "--dataset", str(micro_npz), "--epochs", "1", "--out_dir", str(out),
+                        "--gpu_id", "cpu"])
+    return out / "teacher.pt"
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
 
+class CountingHandler(QuietHandler):
+    """Counts the downloads of each path, and answers each request after `delay` seconds, so that clients
+    started together are all waiting on the first download.
+
+    torchvision's downloader first probes for redirects with a GET that carries a `Method: HEAD` header and
+    reads nothing: not a download, not counted, and its closed connection is no error.
+    """
+
+    def __init__(self, *args, counts: Counter, lock: threading.Lock, delay: float, **kwargs):
+        self.counts, self.counts_lock, self.delay = counts, lock, delay
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):
+        if self.headers.get("Method") != "HEAD":
+            with self.counts_lock:
+                self.counts[self.path] += 1
+        time.sleep(self.delay)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            super().do_GET()
+
+
+@pytest.fixture
+def counting_http_server(tmp_path):
+    """Serve tmp_path/serve on 127.0.0.1 slowly (0.2 s a request); yields the base URL and the GET counts by path."""
+    counts: Counter = Counter()
+    handler = partial(CountingHandler, counts=counts, lock=threading.Lock(), delay=0.2)
+    with serving(tmp_path / "serve", handler) as (url, _):
+        yield url, counts
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """Serve tmp_path/serve on 127.0.0.1; yields the base URL and a function that stops the server."""
-    (tmp_path / "serve").mkdir(exist_ok=True)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(QuietHandler, directory=str(tmp_path / "serve"))
-    )
+    with serving(tmp_path / "serve", QuietHandler) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(folder: Path, handler):
+    """An HTTP server of `folder` on a free loopback port, in a thread: (base URL, a function that stops it)."""
+    folder.mkdir(exist_ok=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     stopped = []
@@ -52,16 +110,19 @@ def http_server(tmp_path):
             server.server_close()
             stopped.append(True)
 
-    yield f"http://127.0.0.1:{server.server_address[1]}", stop
-    stop()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", stop
+    finally:
+        stop()
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run one of the stage scripts in a fresh interpreter, as from the shell."""
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300,
+               preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """Run one of the stage scripts in a fresh interpreter, as from the shell (`preexec_fn`: e.g. a resource limit)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
-        cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn,
     )
 
 

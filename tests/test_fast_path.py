@@ -178,7 +178,7 @@ def test_bench_times_every_student_method_against_kd(capsys):
     assert bench.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     costs = {row["method"]: row for row in record["methods"]}
-    assert list(costs) == ["kd", "fitnets", "takd", "at", "crd", "tofd", "mhkd", "dih"]
+    assert list(costs) == ["kd", "fitnets", "takd", "at", "crd", "tofd", "mhkd", "dih", "dkd"]
     assert costs["kd"]["vs_kd"] == 1.0 and all(row["ms_per_step"] > 0 for row in costs.values())
 
 

@@ -238,6 +238,7 @@ def test_takd_chain_and_refusals(learnable, tmp_path):
     ta = torch.load(runs / "student-res14-kd-res8-a0.1-t5-seed30" / "student.pt", weights_only=True)
     teacher = torch.load(learnable["teacher"], weights_only=True)
     assert summary["ta"] == "res14" and summary["ta_fingerprint"] == ta["fingerprint"]
+    assert summary["ta_ckpt"] == "runs/slice/student-res14-kd-res8-a0.1-t5-seed30/student.pt"  # which one it used
     assert summary["teacher_fingerprint"] == teacher["fingerprint"] == ta["teacher_fingerprint"]
 
     # An assistant distilled from another teacher is refused.

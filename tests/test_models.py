@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from foreign_layouts import parameter_count, repdistiller_shapes
 
-from models import MODEL_NAMES, TapModel, build_model
+from models import MODEL_NAMES, REPDISTILLER_NAMES, TapModel, build_model
 
 # Exact parameter counts for 10 and 100 classes. The CIFAR ResNets have projection shortcuts, as in the DIH
 # authors' code (commit 2c5f2b1) and RepDistiller: res8 83,892 and res110 1,736,564 with 100 classes there too.
@@ -18,27 +19,41 @@ PARAMS = {
     "res44": (661_338, 667_188),
     "res56": (855_770, 861_620),
     "res110": (1_730_714, 1_736_564),
+    # RepDistiller's resnet8x4, resnet32x4, vgg8 (vgg8_bn), vgg13 (vgg13_bn) and wrn_40_1: the counts its model
+    # definitions give (tests/foreign_layouts.py; checked below, as for every model the two registries share).
+    "res8x4": (1_210_410, 1_233_540),
+    "res32x4": (7_410_730, 7_433_860),
     "res18": (11_173_962, 11_220_132),
     "res34": (21_282_122, 21_328_292),
     "vgg11": (9_228_362, 9_274_532),
+    "vgg8": (3_918_858, 3_965_028),
+    "vgg13": (9_416_010, 9_462_180),
     "wrn_16_2": (691_674, 703_284),
     "wrn_28_2": (1_467_610, 1_479_220),
+    "wrn_40_1": (563_930, 569_780),
     "wrn_40_2": (2_243_546, 2_255_156),
 }
 
 CIFAR_RESNET_TAPS = {"layer1": (16, 32, 32), "layer2": (32, 16, 16), "layer3": (64, 8, 8)}
 WRN_2_TAPS = {"group1": (32, 32, 32), "group2": (64, 16, 16), "group3": (128, 8, 8)}
+# RepDistiller's VGG: blocks 1-4 at 16, 8, 4 and (no max-pool before the fifth block at 32x32) 4 pixels.
+BENCHMARK_VGG_TAPS = {"block1": (128, 16, 16), "block2": (256, 8, 8), "block3": (512, 4, 4), "block4": (512, 4, 4)}
 TAPS = {
     **dict.fromkeys(["res8", "res14", "res20", "res32", "res44", "res56", "res110"], CIFAR_RESNET_TAPS),
+    **dict.fromkeys(["res8x4", "res32x4"], {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8)}),
     **dict.fromkeys(
         ["res18", "res34"],
         {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8), "layer4": (512, 4, 4)},
     ),
     "vgg11": {"pool1": (64, 16, 16), "pool2": (128, 8, 8), "pool3": (256, 4, 4), "pool4": (512, 2, 2)},
-    **dict.fromkeys(["wrn_16_2", "wrn_28_2", "wrn_40_2"], WRN_2_TAPS),
+    **dict.fromkeys(["vgg8", "vgg13"], BENCHMARK_VGG_TAPS),
+    "wrn_16_2": WRN_2_TAPS,
+    "wrn_28_2": WRN_2_TAPS,
+    "wrn_40_1": {"group1": (16, 32, 32), "group2": (32, 16, 16), "group3": (64, 8, 8)},
+    "wrn_40_2": WRN_2_TAPS,
 }
 
-ONE_PER_FAMILY = ["res8", "res18", "vgg11", "wrn_16_2"]
+ONE_PER_FAMILY = ["res8", "res18", "vgg11", "vgg8", "wrn_16_2"]
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -60,6 +75,25 @@ def test_builds_with_exact_param_counts_and_finite_logits(name):
         logits = model(x)
         assert logits.shape == (2, num_classes)
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("ours", REPDISTILLER_NAMES)
+def test_parameter_counts_and_state_dict_sizes_equal_repdistillers(ours):
+    """Each model shared with RepDistiller's registry has its parameter count for 10 and 100 classes, and as many
+    state-dict entries of the same shapes (as a multiset) as RepDistiller's definition of it."""
+    theirs = REPDISTILLER_NAMES[ours]
+    assert PARAMS[ours] == (parameter_count(theirs, 10), parameter_count(theirs, 100))
+    with torch.device("meta"):
+        model = build_model(ours, 100)
+    our_shapes = sorted(tuple(t.shape) for t in model.state_dict().values())
+    assert our_shapes == sorted(repdistiller_shapes(theirs, 100).values())
+
+
+def test_benchmark_vgg_pools_before_its_fifth_block_only_for_larger_maps():
+    """RepDistiller's rule (a max-pool before block 4 for 64-pixel images only) at 32 and 64 pixels."""
+    model = build_model("vgg8", 10)
+    assert model.tap_shapes(32)[-1] == (512, 4, 4) and model.tap_shapes(64)[-1] == (512, 4, 4)
+    assert model.tap_shapes(64)[-2] == (512, 8, 8)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -18,7 +18,7 @@ from conftest import ROOT, assert_clean_failure, run_script
 
 import reproduce
 from sweep.graph import build_graph, is_finished
-from sweep.grid import METHODS, Sweep, grid_flags, make_sweep
+from sweep.grid import PAPER_METHODS, Sweep, grid_flags, make_sweep
 from sweep.local import exclusive, execute
 from sweep.report import aggregate, report
 from utils import UserError
@@ -91,9 +91,9 @@ def test_every_method_of_the_comparison_runs_through_the_sweep(tmp_path):
     own = ["ce student res8 seed 30", "takd student res8 <- res20 seed 30", "tofd student res8 <- res20 seed 30",
            "kd fitnets at crd mhkd dih students res8 <- res20 seed 30"]  # the others: one group on the teacher run
     assert sorted(labels) == sorted(shared + own)
-    assert sum(len(node.runs) for node in outcome.launched) == len(shared) + len(METHODS)
+    assert sum(len(node.runs) for node in outcome.launched) == len(shared) + len(PAPER_METHODS)
     rows = aggregate(sweep_of(argv))
-    for method in METHODS:
+    for method in PAPER_METHODS:
         column = {"fitnets": "FitNets"}.get(method, method.upper())
         assert rows[0][column].n == 1, column
     takd = json.loads((tmp_path / "runs" / "tiny" / "student-res8-takd-res20-ta-res14-a0.1-t5-seed30"
@@ -107,7 +107,7 @@ def test_paper_preset_lists_every_method_for_its_teachers():
     assert result.returncode == 0, result.stderr
     methods = [(s, m) for s, names in re.findall(r"--student (\S+) --method ((?:[a-z]+ )+)--", result.stdout)
                for m in names.split()]
-    count = {method: sum(1 for s, m in methods if m == method and s == "res8") for method in METHODS}
+    count = {method: sum(1 for s, m in methods if m == method and s == "res8") for method in PAPER_METHODS}
     teachers, seeds = 9, 3
     assert count.pop("ce") == seeds  # one CE run per seed serves every teacher's row
     assert count.pop("takd") == (teachers - 1) * seeds  # no assistant is defined for res14
@@ -292,6 +292,15 @@ def test_flags_override_the_preset_and_ce_is_shared_by_every_teacher():
     (["--preset", "demo", "--gpus", "99"], "names GPU 99"),
     (["--preset", "demo", "--jobs", "0"], "--jobs must be at least 1"),
     (["--preset", "demo", "--alpha", "2"], "--alpha must be in [0, 1]"),
+    # Flags for no method of the grid are refused, as --partition is without --slurm.
+    (["--preset", "demo", "--methods", "ce", "kd", "--hint_epochs", "3"],
+     "--hint_epochs applies to no method of this grid (only to fitnets; the grid has ce kd): drop it"),
+    (["--teachers", "res20", "--methods", "ce", "at", "--alpha", "0.5"], "--alpha applies to no method of this grid"),
+    (["--teachers", "res20", "--methods", "crd", "--temperature", "2"], "--temperature applies to no method"),
+    (["--teachers", "res20", "--methods", "kd", "--heads_epochs", "2"], "--heads_epochs applies to no method"),
+    (["--preset", "demo", "--data_url", "file:///x.tgz"], "--data_url is a mirror of a downloaded dataset's archive"),
+    (["--teachers", "res14", "--methods", "takd"], "the grid is empty: no takd row for teacher res14: takd distils "
+                                                   "through a teacher assistant smaller than the teacher"),
 ])
 def test_bad_input_is_a_user_error(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -308,3 +317,32 @@ def test_bad_input_is_one_line_on_stderr():
 def test_a_second_sweep_on_the_same_runs_is_refused(tmp_path):
     with exclusive(tmp_path / "synthetic"), pytest.raises(UserError, match="another reproduce.py"):
         reproduce.main(["--preset", "demo", "--runs_dir", str(tmp_path)])
+
+
+def test_rows_that_cannot_exist_are_named(capsys):
+    outcome = reproduce.main(["--teachers", "res14", "res20", "--methods", "takd", "--seeds", "30", "--dry_run"])
+    assert capsys.readouterr().err == ("note: no takd row for teacher res14: takd distils through a teacher assistant "
+                                       "smaller than the teacher, and none is defined for res14\n")
+    assert [node.label for node in outcome.nodes if node.label.startswith("takd")] == [
+        "takd student res8 <- res20 seed 30"]
+
+
+def test_flags_of_the_report_job_apply_to_its_grid():
+    """The report job gets only flags its grid takes: --heads_epochs, always set, only where DIH is."""
+    sweep = sweep_of(["--teachers", "res20", "--methods", "kd", "ce", "--epochs", "3"])
+    assert "--heads_epochs" not in grid_flags(sweep) and sweep_of(grid_flags(sweep)) == sweep
+
+
+def test_a_finished_run_on_an_npz_is_recognised_by_the_file_content(tmp_path):
+    """A regenerated npz of the same name is another dataset: its old runs are not taken as finished."""
+    from data import make_synthetic, npz_name, save_npz
+
+    npz = tmp_path / "set.npz"
+    save_npz(npz, *make_synthetic(32, 16, seed=0))
+    sweep = sweep_of(["--dataset", str(npz), "--teachers", "res20", "--runs_dir", str(tmp_path / "runs")])
+    teacher = build_graph(sweep)[0]
+    write_run(teacher.out_dir, [10.0], **teacher.runs[teacher.out_dir], dataset=npz_name(npz))
+    assert is_finished(teacher, sweep.dataset)
+    save_npz(npz, *make_synthetic(32, 16, seed=1))  # regenerated in place
+    with pytest.raises(UserError, match="holds another run \\(dataset='npz:set:[0-9a-f]{12}', this sweep asks for"):
+        is_finished(teacher, sweep.dataset)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import time
 from datetime import datetime
@@ -16,6 +17,8 @@ import pytest
 from slurm_cluster import one_node_cluster, unavailable
 
 import reproduce
+from runlock import run_folder
+from sweep.graph import build_graph
 from sweep.grid import grid_flags, make_sweep
 from utils import UserError
 
@@ -103,6 +106,25 @@ def test_the_demo_sweep_on_slurm_keeps_the_order_gives_the_local_table_and_resub
     wait_for(redo.report_job)
     assert (tmp_path / "slurm" / "res" / "demo" / "results.md").read_text() == local.table
     assert (dih / "student.pt").stat().st_mtime_ns == dih_written  # the finished student was left alone
+
+
+def test_a_job_whose_run_folder_is_locked_says_so_and_fails(slurm_conf, tiny_npz, tmp_path, monkeypatch):
+    """Another writer (here this test process) holds a run's folder when its job starts: the job trains nothing,
+    says who holds the folder in one line of its stderr.txt, and fails, so the jobs after it are cancelled."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_conf))
+    argv = ["--dataset", str(tiny_npz), "--teachers", "res8", "--methods", "ce", "--seeds", "30", "--epochs", "1",
+            "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "res"), "--slurm",
+            "--gpus_per_job", "0"]
+    teacher = build_graph(make_sweep(reproduce.build_parser().parse_args(argv)))[0]
+    with run_folder(teacher.out_dir):
+        outcome = reproduce.main(argv)
+        wait_for(outcome.jobs[teacher.out_dir])
+    subprocess.run(["scancel", *outcome.jobs.values(), outcome.report_job], check=True)  # nothing more to see
+    assert job(outcome.jobs[teacher.out_dir])["JobState"] == "FAILED"
+    lines = (teacher.out_dir / "stderr.txt").read_text().splitlines()
+    assert lines == [f"train_teacher.py: error: --out_dir {teacher.out_dir} is in use by PID {os.getpid()} on "
+                     f"{socket.gethostname()}, since {lines[0].split(', since ')[1]}"] and "Traceback" not in lines[0]
+    assert sorted(p.name for p in teacher.out_dir.iterdir()) == ["log.txt", "stderr.txt"]
 
 
 @pytest.mark.parametrize("argv", [

@@ -1,0 +1,151 @@
+"""The repdistiller-cifar100 preset: RepDistiller's pairs under its recipe, teachers imported from its public
+checkpoints, and the published numbers beside ours."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+
+import pytest
+from test_import import repdistiller_checkpoint
+
+import reproduce
+from data import make_synthetic, save_npz
+from models import REPDISTILLER_NAMES
+from sweep.grid import PRESETS, grid_flags, make_sweep
+from sweep.published import read_published
+from utils import UserError
+
+PAIRS = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("res56", "res20"), ("res110", "res20"),
+         ("res110", "res32"), ("res32x4", "res8x4"), ("vgg13", "vgg8")]
+DKD_BETA = {("res56", "res20"): 2.0, ("res110", "res20"): 2.0, ("res110", "res32"): 2.0, ("res32x4", "res8x4"): 8.0,
+            ("vgg13", "vgg8"): 6.0, ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0}
+RECIPE = ["--epochs", "240", "--batch_size", "64", "--lr", "0.05", "--momentum", "0.9", "--wd", "0.0005",
+          "--no-nesterov", "--schedule", "150", "180", "210", "--gamma", "0.1"]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def dry_run(capsys, *extra: str) -> list[list[str]]:
+    reproduce.main(["--preset", "repdistiller-cifar100", "--dry_run", *extra])
+    return [shlex.split(line, comments=True) for line in capsys.readouterr().out.splitlines()
+            if not line.startswith("#")]
+
+
+def test_the_dry_run_lists_every_run_of_the_seven_pairs(capsys):
+    commands = dry_run(capsys)
+    seeds = ["30", "50", "67"]
+    students = [c for c in commands if c[1].endswith("test_dih.py")]
+    by_method: dict[str, set] = {}
+    for c in students:
+        method, student, seed = flag(c, "--method"), flag(c, "--student"), flag(c, "--seed")
+        teacher = flag(c, "--teacher") if "--teacher" in c else None
+        by_method.setdefault(method, set()).add((teacher, student, seed))
+        assert c[c.index("--epochs"):c.index("--epochs") + len(RECIPE)] == RECIPE
+        if method == "dkd":
+            assert [flag(c, k) for k in ("--alpha", "--beta", "--temperature", "--warmup")] == [
+                "1.0", str(DKD_BETA[(teacher, student)]), "4.0", "20"]
+        if method in ("kd", "fitnets"):
+            assert (flag(c, "--alpha"), flag(c, "--temperature")) == ("0.9", "4.0")
+        if method == "dih":
+            assert (flag(c, "--alpha"), flag(c, "--temperature")) == ("0.1", "5.0")
+        if method in ("at", "crd"):
+            assert (flag(c, "--alpha"), flag(c, "--beta")) == ("0.0", {"at": "1000.0", "crd": "0.8"}[method])
+    every_pair = {(t, s, seed) for t, s in PAIRS for seed in seeds}
+    assert set(by_method) == {"ce", "kd", "fitnets", "at", "crd", "dih", "dkd"}
+    assert all(by_method[m] == every_pair for m in ("kd", "fitnets", "at", "crd", "dih", "dkd"))
+    assert by_method["ce"] == {(None, s, seed) for _, s in PAIRS for seed in seeds}  # one CE run per student
+    teachers = [c for c in commands if c[1].endswith("train_teacher.py")]
+    heads = [c for c in commands if c[1].endswith("train_heads.py")]
+    assert len(teachers) == len(heads) == 5 * 3 and len(students) == 6 * 3 + 6 * 7 * 3
+    assert all(c[c.index("--epochs"):c.index("--epochs") + len(RECIPE)] == RECIPE for c in teachers + heads)
+
+
+def test_every_teacher_can_come_from_the_public_checkpoints(capsys, tmp_path):
+    for name in ("wrn_40_2", "resnet56", "resnet110", "resnet32x4", "vgg13"):
+        (tmp_path / f"{name}_vanilla").mkdir()
+        (tmp_path / f"{name}_vanilla" / "ckpt_epoch_240.pth").touch()
+    commands = dry_run(capsys, "--import_teachers", str(tmp_path))
+    teachers = [c for c in commands if c[1].endswith("train_teacher.py")]
+    assert len(commands) == 174 and len(teachers) == 15
+    for c in teachers:  # an import: no training flags, the same public file for every seed
+        theirs = REPDISTILLER_NAMES[flag(c, "--model")]
+        assert flag(c, "--import") == str(tmp_path.resolve() / f"{theirs}_vanilla" / "ckpt_epoch_240.pth")
+        assert "--epochs" not in c and "--lr" not in c
+    (tmp_path / "vgg13_vanilla" / "ckpt_epoch_240.pth").unlink()
+    with pytest.raises(UserError, match=r"--import_teachers: no .*vgg13_vanilla/ckpt_epoch_240\.pth"):
+        dry_run(capsys, "--import_teachers", str(tmp_path))
+    with pytest.raises(UserError, match="res18 has no counterpart among RepDistiller's models"):
+        dry_run(capsys, "--import_teachers", str(tmp_path), "--pairs", "res18:res8")
+
+
+def test_the_sweep_survives_the_round_trip_through_its_flags(tmp_path):
+    (tmp_path / "resnet56_vanilla").mkdir()
+    (tmp_path / "resnet56_vanilla" / "ckpt_epoch_240.pth").touch()
+    parse = reproduce.build_parser().parse_args
+    sweep = make_sweep(parse(["--preset", "repdistiller-cifar100", "--pairs", "res56:res20", "res56:res8",
+                              "--import_teachers", str(tmp_path)]))
+    assert sweep.pairs == [("res56", "res20"), ("res56", "res8")] and sweep.students == ["res20", "res8"]
+    assert sweep.hyper("dkd", "res56", "res20")["beta"] == 2.0 and sweep.hyper("dkd", "res56", "res8")["beta"] == 8.0
+    assert make_sweep(parse(grid_flags(sweep))) == sweep  # how the Slurm report job rebuilds it
+    with pytest.raises(UserError, match="give either --pairs or --teachers/--students"):
+        make_sweep(parse(["--pairs", "res56:res20", "--teachers", "res56"]))
+    with pytest.raises(UserError, match="TEACHER:STUDENT"):
+        make_sweep(parse(["--pairs", "res56-res20"]))
+
+
+def test_each_published_number_names_its_source():
+    entries = read_published(PRESETS["repdistiller-cifar100"]["published"])
+    assert {(e.teacher, e.student) for e in entries} == set(PAIRS)
+    assert all(e.source for e in entries) and len(entries) == 7 * 7
+    missing = [e for e in entries if e.accuracy is None]
+    assert [(e.teacher, e.student, e.method) for e in missing] == [("res110", "res20", "dkd")]
+    assert all(e.measure == ("best-mean" if e.method == "dkd" else "final") for e in entries)
+
+
+def test_a_published_file_without_sources_is_refused(tmp_path):
+    path = tmp_path / "numbers.csv"
+    path.write_text("teacher,student,method,accuracy,measure,source\nres56,res20,kd,70.66,final,\n")
+    with pytest.raises(UserError, match="line 2: a measure .* and a source are needed"):
+        read_published(path)
+
+
+def test_the_preset_machinery_runs_through_every_stage_to_the_table_with_the_published_column(tmp_path):
+    """One pair on 64 images for one epoch: the teacher imported from a RepDistiller checkpoint built here, its heads,
+    CE, DKD and DIH students, and the table with RepDistiller's and mdistiller's numbers beside ours."""
+    save_npz(tmp_path / "tiny.npz", *make_synthetic(64, 32, seed=0))
+    public = tmp_path / "save" / "models"
+    (public / "resnet56_vanilla").mkdir(parents=True)
+    repdistiller_checkpoint(public / "resnet56_vanilla" / "ckpt_epoch_240.pth", "resnet56", 10)
+    argv = ["--preset", "repdistiller-cifar100", "--pairs", "res56:res20", "--dataset", str(tmp_path / "tiny.npz"),
+            "--seeds", "30", "--epochs", "1", "--methods", "ce", "dkd", "dih", "--import_teachers", str(public),
+            "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results"), "--jobs", "2"]
+    outcome = reproduce.main(argv)
+    assert not outcome.failed and not outcome.skipped
+    assert sorted(node.label for node in outcome.launched) == sorted([
+        "teacher res56 seed 30 (imported)", "heads res56 seed 30", "ce student res20 seed 30",
+        "dkd student res20 <- res56 seed 30", "dih student res20 <- res56 seed 30"])
+    runs = tmp_path / "runs" / "tiny"
+    teacher = json.loads((runs / "teacher-res56-seed30" / "summary.json").read_text())
+    assert teacher["imported_epoch"] == 240 and teacher["imported_accuracy"] == pytest.approx(72.34, abs=1e-4)
+    ce = json.loads((runs / "student-res20-ce-seed30" / "summary.json").read_text())
+    dkd = json.loads((runs / "student-res20-dkd-res56-a1-t4-b2-seed30" / "summary.json").read_text())
+    assert (dkd["beta"], dkd["warmup"], dkd["config"]["nesterov"], dkd["config"]["lr"]) == (2.0, 20, False, 0.05)
+
+    out = tmp_path / "results" / "repdistiller-cifar100"
+    table = (out / "results.md").read_text()
+    assert "## Against the literature" in table and "the published numbers are for cifar100" in table
+    lines = {row["method"]: row for row in csv.DictReader((out / "literature.csv").open())}
+    assert set(lines) == {"teacher", "ce", "dkd"}  # the published numbers of the methods this sweep ran
+    for method, name, published, ours in (
+            ("teacher", "teacher", 72.34, teacher["final_test_acc"]), ("ce", "CE", 69.06, ce["final_test_acc"]),
+            ("dkd", "DKD", 71.97, dkd["best_test_acc"])):  # DKD's published number is a best epoch's (mdistiller's)
+        row = lines[method]
+        assert float(row["published"]) == published and float(row["ours mean"]) == pytest.approx(ours)
+        assert float(row["ours - published"]) == pytest.approx(ours - published)
+        assert f"| res56 → res20 | {name} | {published:.2f} |" in table
+        assert f"{ours - published:+.2f} |" in table
+    assert "HobbitLong/RepDistiller README.md" in lines["ce"]["source"] and "mdistiller" in lines["dkd"]["source"]
