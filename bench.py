@@ -54,7 +54,7 @@ from heads import IntermediateHeads, heads_for, tofd_aux_for
 from methods import METHODS, Setup
 from methods.dih import CohortDistillation
 from methods.takd import default_assistant
-from models import MODEL_NAMES, TapModel, build_model
+from models import MODEL_NAMES, TapModel, build_model, fold_batchnorm
 from stages import HeadsTraining, TeacherTraining
 from utils import COMPILE_MODES
 
@@ -166,18 +166,24 @@ class CohortTwice(CohortDistillation):
             return [final, *head_logits]
 
 
-def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device, cohort_twice: bool = False) -> Stage:
-    """The project's stage object for `kind`, on copies of the initial weights."""
+def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device, cohort_twice: bool = False,
+               fold: bool = True) -> Stage:
+    """The project's stage object for `kind`, on copies of the initial weights; the frozen teacher's batch norms
+    folded as the stage scripts fold them, unless `fold` is off (the ablation)."""
     teacher = place(models.teacher, device, cfg.channels_last)
     if kind == "teacher":
         return TeacherTraining(teacher.train(), models.teacher_name)
     heads = place(models.heads, device, cfg.channels_last)
     if kind == "heads":
-        return HeadsTraining(teacher, heads, {"model": models.teacher_name})
+        stage = HeadsTraining(teacher, heads, {"model": models.teacher_name})
+        if not fold:
+            stage.folded_teacher = stage.teacher
+        return stage
     student = place(models.student, device, cfg.channels_last)
     distillation = CohortTwice if cohort_twice else CohortDistillation
     hyper = {"alpha": ALPHA, "temperature": TEMPERATURE, "cohort_reduction": "sum"}
-    return distillation(Setup(student, teacher.eval().requires_grad_(False), hyper, data=None, meta={}, heads=heads))
+    frozen = fold_batchnorm(teacher) if fold else teacher.eval().requires_grad_(False)
+    return distillation(Setup(student, frozen, hyper, data=None, meta={}, heads=heads))
 
 
 def fast_step(stage: Stage, cfg: TrainConfig, sync_each_step: bool = False) -> Step:
@@ -353,8 +359,8 @@ class Workload:
         return cls(make_models(teacher, student, num_classes), images, labels, data, cfg, device, plan)
 
     def fast_step(self, kind: str, cfg: TrainConfig | None = None, cohort_twice: bool = False,
-                  sync_each_step: bool = False) -> Step:
-        return fast_step(fast_stage(kind, self.models, cfg or self.cfg, self.device, cohort_twice),
+                  sync_each_step: bool = False, fold: bool = True) -> Step:
+        return fast_step(fast_stage(kind, self.models, cfg or self.cfg, self.device, cohort_twice, fold),
                          cfg or self.cfg, sync_each_step)
 
     def conventional_step(self, kind: str) -> Step:
@@ -375,9 +381,9 @@ class Workload:
         return batches
 
     def fast(self, kind: str, cfg: TrainConfig | None = None, *, cohort_twice: bool = False,
-             loader: bool = False, sync_each_step: bool = False) -> Timed:
+             loader: bool = False, sync_each_step: bool = False, fold: bool = True) -> Timed:
         """A fresh fast path and its batches, optionally with one optimisation undone (the ablation)."""
-        return self.fast_step(kind, cfg, cohort_twice, sync_each_step), self.fast_batches(cfg, loader)
+        return self.fast_step(kind, cfg, cohort_twice, sync_each_step, fold), self.fast_batches(cfg, loader)
 
     def conventional(self, kind: str) -> Timed:
         loader = conventional_loader(self.images, self.labels, self.cfg.batch_size, self.device)
@@ -477,7 +483,7 @@ def method_stage(method: str, work: Workload, data: DeviceDataset, cfg: TrainCon
     teacher_name = default_assistant(work.models.teacher_name) if spec.assistant else work.models.teacher_name
     teacher = work.models.teacher if teacher_name == work.models.teacher_name else make_models(
         teacher_name, "res8", data.num_classes).teacher
-    teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
+    teacher = fold_batchnorm(place(teacher, device, channels_last))  # as cli.build_teacher gives it
     teacher_ckpt = None
     if spec.teacher == "tofd":
         aux = tofd_aux_for(teacher, data.num_classes, data.image_size)
@@ -544,30 +550,37 @@ def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, pla
     return rows
 
 
-def ablation(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
+ABLATIONS = ("channels_last", "amp", "compile", "loader", "sync", "fold", "cohort", "graphs", "cudnn")
+
+
+def ablation(work: Workload, kinds: list[str], only: list[str] | None = None) -> list[dict[str, Any]]:
     """The fast path with one optimisation flipped at a time, timed in turns with an unflipped one: images/s
-    with the optimisation and without it."""
+    with the optimisation and without it. `only`: these of `ABLATIONS` (default: every one that applies)."""
     cfg, rows = work.cfg, []
 
     def flip(field: str) -> TrainConfig:
         return dataclasses.replace(cfg, **{field: not getattr(cfg, field)})
 
     for kind in kinds:
-        variants: list[tuple[str, bool, Callable[[], Timed]]] = [
-            ("channels_last", cfg.channels_last, partial(work.fast, kind, flip("channels_last"))),
-            ("bf16 autocast", cfg.amp, partial(work.fast, kind, flip("amp"))),
-            ("torch.compile", cfg.compile, partial(work.fast, kind, flip("compile"))),
-            ("data on the device (vs DataLoader)", True, partial(work.fast, kind, loader=True)),
-            ("no host sync per step (vs loss.item())", True, partial(work.fast, kind, sync_each_step=True)),
+        variants: list[tuple[str, str, bool, Callable[[], Timed]]] = [
+            ("channels_last", "channels_last", cfg.channels_last, partial(work.fast, kind, flip("channels_last"))),
+            ("amp", "bf16 autocast", cfg.amp, partial(work.fast, kind, flip("amp"))),
+            ("compile", "torch.compile", cfg.compile, partial(work.fast, kind, flip("compile"))),
+            ("loader", "data on the device (vs DataLoader)", True, partial(work.fast, kind, loader=True)),
+            ("sync", "no host sync per step (vs loss.item())", True, partial(work.fast, kind, sync_each_step=True)),
         ]
+        if kind != "teacher":
+            variants.append(("fold", "frozen teacher's BNs folded", True, partial(work.fast, kind, fold=False)))
         if kind == "dih":
-            variants.append(("cohort once, inference_mode (vs heads twice)", True,
+            variants.append(("cohort", "cohort once, inference_mode (vs heads twice)", True,
                              partial(work.fast, kind, cohort_twice=True)))
         if work.device.type == "cuda":
-            variants += [("CUDA graphs", cfg.cuda_graphs, partial(work.fast, kind, flip("cuda_graphs"))),
-                         ("cudnn.benchmark", torch.backends.cudnn.benchmark,
+            variants += [("graphs", "CUDA graphs", cfg.cuda_graphs, partial(work.fast, kind, flip("cuda_graphs"))),
+                         ("cudnn", "cudnn.benchmark", torch.backends.cudnn.benchmark,
                           partial(_flipped_cudnn_benchmark, work, kind))]
-        for name, in_fast_path, flipped in variants:
+        for key, name, in_fast_path, flipped in variants:
+            if only and key not in only:
+                continue
             base_s, flipped_s = seconds_per_step([work.fast(kind), flipped()], work.plan, work.device)
             base, flipped_img_s = work.cfg.batch_size / base_s, work.cfg.batch_size / flipped_s
             on, off = (base, flipped_img_s) if in_fast_path else (flipped_img_s, base)
@@ -617,9 +630,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bf16 autocast (auto: what the stage scripts choose for the device)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                    help="torch.compile and/or CUDA graphs, as the stage scripts' flag (auto: what they choose)")
+    p.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
+                   help="the fast path's memory format (auto: what the stage scripts choose for the device); "
+                        "with --amp, how another CPU's defaults are measured here (docs/BENCHMARKS.md, AVX2)")
     p.add_argument("--quick", action="store_true", help="few steps: about 30 s on 2 quiet CPU cores")
     p.add_argument("--growth", action="store_true", help="also epoch times for res20/56/110 x batch 64/128/256")
-    p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
+    p.add_argument("--ablation", nargs="*", choices=ABLATIONS, default=None, metavar="NAME",
+                   help="also the fast path with each optimisation flipped (names: only those, of "
+                        f"{', '.join(ABLATIONS)})")
     p.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=None, metavar="METHOD",
                    help="also the student step of these methods against KD's (no names: every method but CE)")
     args = p.parse_args(argv)
@@ -636,9 +654,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def engine_config(args: argparse.Namespace) -> tuple[torch.device, TrainConfig]:
     """The device and `TrainConfig` that the stage scripts build for these flags (cli.parse decides amp,
-    compile, channels_last and cudnn.benchmark per device type)."""
+    compile, channels_last and cudnn.benchmark per device type); `--channels_last on|off` overrides the layout."""
     argv = ["--batch_size", str(args.batch_size), "--amp", args.amp, "--compile", args.compile]
     _, device, cfg = cli.parse(cli.common_parser(""), argv + (["--gpu_id", args.gpu_id] if args.gpu_id else []))
+    if args.channels_last != "auto":
+        cfg = dataclasses.replace(cfg, channels_last=args.channels_last == "on")
     return device, cfg
 
 
@@ -657,8 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Workload.build(args.teacher, args.student, args.num_classes, cfg, device, plan)
     results = compare(work, args.stages)
     extra: dict[str, Any] = {}
-    if args.ablation:
-        extra["ablation"] = ablation(work, args.stages)
+    if args.ablation is not None:
+        extra["ablation"] = ablation(work, args.stages, args.ablation)
     if args.growth:
         extra["growth"] = growth(args, cfg, device, plan)
     if args.methods is not None:

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = cli.run_dir(args, f"heads-{args.teacher}")
 
     data = cli.load_data(args, device)
-    teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
+    # Unfolded: the stage evaluates it as it is and folds its own copy for the training steps.
+    teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg, fold=False)
     torch.manual_seed(args.seed)
     heads = heads_for(teacher, data.num_classes, data.image_size).to(device)
     taps = ", ".join(heads.tap_names)

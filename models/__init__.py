@@ -4,12 +4,13 @@ from collections.abc import Callable
 from functools import partial
 
 from .base import Features, TapModel
+from .fold import count_batchnorms, fold_batchnorm
 from .resnet import ResNet
 from .resnet_cifar import CifarResNet
 from .vgg import VGG11
 from .wrn import WideResNet
 
-__all__ = ["MODEL_NAMES", "Features", "TapModel", "build_model"]
+__all__ = ["MODEL_NAMES", "Features", "TapModel", "build_model", "count_batchnorms", "fold_batchnorm"]
 
 _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "res8": partial(CifarResNet, 8),
