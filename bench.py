@@ -313,7 +313,12 @@ Timed = tuple[Step, Iterator[tuple[Tensor, ...]]]  # a step and the batches that
 
 
 def seconds_per_step(variants: list[Timed], plan: Plan, device: torch.device) -> list[float]:
-    """Median wall time per step of each variant, warm-up excluded, device synchronised.
+    """Median wall time per step of each variant over its repeats (`repeat_times`)."""
+    return [statistics.median(t) for t in repeat_times(variants, plan, device)]
+
+
+def repeat_times(variants: list[Timed], plan: Plan, device: torch.device) -> list[list[float]]:
+    """Wall time per step of each variant in each repeat, warm-up excluded, device synchronised.
 
     The variants take turns, one repeat of `plan.steps` steps each, in alternating order: a change of load on
     a shared machine then hits them all alike, instead of whichever happened to run at the time.
@@ -332,7 +337,7 @@ def seconds_per_step(variants: list[Timed], plan: Plan, device: torch.device) ->
                 step(*next(batches))
             synchronize(device)
             times[i].append((time.perf_counter() - start) / plan.steps)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ teacher, and trains the student by KD from it. Both legs use KD's settings.
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from .kd import METHOD as KD
 from .kd import KnowledgeDistillation
 
 
+@functools.cache  # building a model, even on the meta device, takes 0.1 s: the sweep's report asks hundreds of times
 def parameter_count(name: str) -> int:
     """Parameters of a model of the zoo, counted without allocating its weights."""
     with torch.device("meta"):
