@@ -4,11 +4,14 @@
     python3 bench.py --gpu_id cpu --quick      # the same with few steps: under 3 minutes on a 2-core CPU
     python3 bench.py --growth                  # + epoch time for teachers res20/56/110 at batch 64/128/256
     python3 bench.py --ablation                # + the fast path with one optimisation flipped at a time
+    python3 bench.py --ablation fold channels_last   # + only those two flipped
 
 Both paths train copies of the same randomly initialised models on the same random CIFAR-shaped uint8 images;
 the arithmetic of a step does not depend on the weights, so random teacher and heads are enough for timing.
 The fast path is the project's own code: a `DeviceDataset` with `data.train_batches`, the stages of
-`stages.py`, and `engine.make_train_step` with the `TrainConfig` the stage scripts would build for these flags.
+`stages.py`, and `engine.make_train_step` with the `TrainConfig` the stage scripts would build for these flags
+(`--amp` and `--channels_last` force the settings, e.g. to measure another CPU's defaults), the frozen teacher
+with its batch norms folded as the stage scripts fold it.
 The conventional path, written below as the foil, is how most KD code trains: a torchvision DataLoader with
 per-image PIL transforms, fp32, eager, NCHW, the frozen teacher and each head called as separate modules
 under no_grad, the loss summed over the cohort in a Python loop, `loss.item()` every step.
