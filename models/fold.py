@@ -4,7 +4,7 @@ In eval mode a BatchNorm2d is a fixed per-channel affine map, y = (x − μ)·γ
 the output of a convolution and nothing else reads that output, the map can be moved into the convolution's
 weights and bias (`torch.nn.utils.fusion.fuse_conv_bn_weights`), and the BN becomes the identity: one memory
 pass less per BN, and the same numbers up to float rounding. A frozen teacher runs its forward pass once per
-batch of every student step, so this is most of a ResNet's non-convolution kernels gone from that pass.
+batch of every student step; in a ResNet block (conv, BN, ReLU, conv, BN, add, ReLU) two of its seven kernels go.
 
 Which pairs are legal is read from the network's actual dataflow (a `torch.fx` trace), not from its class:
 a BN folds only where its input is a convolution's output that nothing else reads. What that leaves:

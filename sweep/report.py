@@ -8,13 +8,16 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from methods.takd import parameter_count
 from utils import atomic_write_text
 
 from .graph import read_summary
 from .grid import METHODS, Sweep
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -263,17 +266,19 @@ def method_offsets(count: int) -> list[float]:
 
 
 def millions(parameters: int) -> str:
+    """A parameter count as gap.png labels it: 1.73M."""
     return f"{parameters / 1e6:.2f}M"
 
 
-def gap_figure(sweep: Sweep, rows: list[dict[str, str | Stat]]):
+def gap_figure(sweep: Sweep, rows: list[dict[str, str | Stat]]) -> Figure:
     """gap.png: each method's final student accuracy against the teacher, teachers in order of size, with the
     seed spread; the methods side by side at each teacher (`method_offsets`).
 
     The teachers are evenly spaced by rank, not placed on a log-parameter axis: the paper's teachers include
     near-equal sizes (WRN-28-2 1.47M and ResNet-110 1.73M parameters, 0.07 decades apart), where nine methods
     side by side on a log axis would get a pixel or two each. Each teacher's name and parameter count label its
-    position, below the axes, and the legend sits outside them: neither covers a point.
+    position, below the axes, and the legend sits outside them: neither covers a point. (Counts are those of the
+    10-class model, `parameter_count`: the order is what matters.)
     """
     import matplotlib.pyplot as plt
     import numpy as np
