@@ -4,6 +4,7 @@
     python3 bench.py --gpu_id cpu --quick      # the same with few steps: under 3 minutes on a 2-core CPU
     python3 bench.py --growth                  # + epoch time for teachers res20/56/110 at batch 64/128/256
     python3 bench.py --ablation                # + the fast path with one optimisation flipped at a time
+    python3 bench.py --ablation fold channels_last   # + only those two flipped
     python3 bench.py --stages none --group kd at crd dih  # students of one teacher as a group, against each alone
     python3 bench.py --stages none --project   # reproduce.py --preset paper-cifar100's cost with and without groups
 
@@ -11,7 +12,9 @@ Both paths train copies of the same randomly initialised models on the same rand
 the arithmetic of a step does not depend on the weights, so random teacher and heads are enough for timing.
 The fast path is the project's own code: a `DeviceDataset` with `data.train_batches`, the stages of
 `stages.py`, and the engine's step (`engine.GroupStep` on a `Run`: the teacher's shared pass, then the train step)
-with the `TrainConfig` the stage scripts would build for these flags.
+with the `TrainConfig` the stage scripts would build for these flags (`--amp` and `--channels_last` force the
+settings, e.g. to measure another CPU's defaults), the frozen teacher with its batch norms folded as the stage
+scripts fold it.
 The conventional path, written below as the foil, is how most KD code trains: a torchvision DataLoader with
 per-image PIL transforms, fp32, eager, NCHW, the frozen teacher and each head called as separate modules
 under no_grad, the loss summed over the cohort in a Python loop, `loss.item()` every step.
@@ -59,7 +62,7 @@ from methods import METHODS, Setup, TeacherOutputs, TeacherPass
 from methods.dih import CohortDistillation
 from methods.takd import default_assistant
 from methods.tofd import TOFDTeacher
-from models import MODEL_NAMES, TapModel, build_model
+from models import MODEL_NAMES, TapModel, build_model, fold_batchnorm
 from stages import HeadsTraining, TeacherTraining
 from utils import COMPILE_MODES
 
@@ -171,19 +174,25 @@ class HeadsTwice(TeacherPass):
             return TeacherOutputs(final, None, None, head_logits)
 
 
-def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device, cohort_twice: bool = False) -> Stage:
-    """The project's stage object for `kind`, on copies of the initial weights."""
+def fast_stage(kind: str, models: Models, cfg: TrainConfig, device: torch.device, cohort_twice: bool = False,
+               fold: bool = True) -> Stage:
+    """The project's stage object for `kind`, on copies of the initial weights; the frozen teacher's batch norms
+    folded as the stage scripts fold them, unless `fold` is off (the ablation)."""
     teacher = place(models.teacher, device, cfg.channels_last)
     if kind == "teacher":
         return TeacherTraining(teacher.train(), models.teacher_name)
     heads = place(models.heads, device, cfg.channels_last)
     if kind == "heads":
-        return HeadsTraining(teacher, heads, {"model": models.teacher_name})
+        stage = HeadsTraining(teacher, heads, {"model": models.teacher_name})
+        if not fold:
+            stage.folded_teacher = stage.teacher
+        return stage
     student = place(models.student, device, cfg.channels_last)
     teacher.eval().requires_grad_(False)
     hyper = {"alpha": ALPHA, "temperature": TEMPERATURE, "cohort_reduction": "sum"}
-    twice = HeadsTwice(teacher, heads) if cohort_twice else None
-    return CohortDistillation(Setup(student, teacher, hyper, data=None, meta={}, heads=heads, teacher_pass=twice))
+    frozen = fold_batchnorm(teacher) if fold else teacher
+    twice = HeadsTwice(frozen, heads) if cohort_twice else None
+    return CohortDistillation(Setup(student, frozen, hyper, data=None, meta={}, heads=heads, teacher_pass=twice))
 
 
 def fast_step(stage: Stage, cfg: TrainConfig, sync_each_step: bool = False) -> Step:
@@ -314,7 +323,12 @@ Timed = tuple[Step, Iterator[tuple[Tensor, ...]]]  # a step and the batches that
 
 
 def seconds_per_step(variants: list[Timed], plan: Plan, device: torch.device) -> list[float]:
-    """Median wall time per step of each variant, warm-up excluded, device synchronised.
+    """Median wall time per step of each variant over its repeats (`repeat_times`)."""
+    return [statistics.median(t) for t in repeat_times(variants, plan, device)]
+
+
+def repeat_times(variants: list[Timed], plan: Plan, device: torch.device) -> list[list[float]]:
+    """Wall time per step of each variant in each repeat, warm-up excluded, device synchronised.
 
     The variants take turns, one repeat of `plan.steps` steps each, in alternating order: a change of load on
     a shared machine then hits them all alike, instead of whichever happened to run at the time.
@@ -333,7 +347,7 @@ def seconds_per_step(variants: list[Timed], plan: Plan, device: torch.device) ->
                 step(*next(batches))
             synchronize(device)
             times[i].append((time.perf_counter() - start) / plan.steps)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 @dataclass(frozen=True)
@@ -360,8 +374,8 @@ class Workload:
         return cls(make_models(teacher, student, num_classes), images, labels, data, cfg, device, plan)
 
     def fast_step(self, kind: str, cfg: TrainConfig | None = None, cohort_twice: bool = False,
-                  sync_each_step: bool = False) -> Step:
-        return fast_step(fast_stage(kind, self.models, cfg or self.cfg, self.device, cohort_twice),
+                  sync_each_step: bool = False, fold: bool = True) -> Step:
+        return fast_step(fast_stage(kind, self.models, cfg or self.cfg, self.device, cohort_twice, fold),
                          cfg or self.cfg, sync_each_step)
 
     def conventional_step(self, kind: str) -> Step:
@@ -382,9 +396,9 @@ class Workload:
         return batches
 
     def fast(self, kind: str, cfg: TrainConfig | None = None, *, cohort_twice: bool = False,
-             loader: bool = False, sync_each_step: bool = False) -> Timed:
+             loader: bool = False, sync_each_step: bool = False, fold: bool = True) -> Timed:
         """A fresh fast path and its batches, optionally with one optimisation undone (the ablation)."""
-        return self.fast_step(kind, cfg, cohort_twice, sync_each_step), self.fast_batches(cfg, loader)
+        return self.fast_step(kind, cfg, cohort_twice, sync_each_step, fold), self.fast_batches(cfg, loader)
 
     def conventional(self, kind: str) -> Timed:
         loader = conventional_loader(self.images, self.labels, self.cfg.batch_size, self.device)
@@ -490,7 +504,7 @@ def method_stage(method: str, work: Workload, data: DeviceDataset, cfg: TrainCon
         teacher_name = default_assistant(work.models.teacher_name) if spec.assistant else work.models.teacher_name
         teacher = work.models.teacher if teacher_name == work.models.teacher_name else make_models(
             teacher_name, "res8", data.num_classes).teacher
-        teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
+        teacher = fold_batchnorm(place(teacher, device, channels_last))  # as cli.build_teacher gives it
         heads = place(work.models.heads, device, channels_last).eval().requires_grad_(False) if spec.heads else None
     teacher_ckpt = None
     if spec.teacher == "tofd":
@@ -567,7 +581,7 @@ def group_costs(work: Workload, names: list[str]) -> dict[str, Any]:
     step and each student's step alone are timed, taking turns.
     """
     data = cifar_sized(work)
-    teacher = place(work.models.teacher, work.device, work.cfg.channels_last).eval().requires_grad_(False)
+    teacher = fold_batchnorm(place(work.models.teacher, work.device, work.cfg.channels_last))  # as the scripts do
     heads = place(work.models.heads, work.device, work.cfg.channels_last).eval().requires_grad_(False)
     shared = TeacherPass(teacher, heads)
     group = [in_last_phase(method_stage(name, work, data, work.cfg, shared), work.cfg, work.device) for name in names]
@@ -703,30 +717,37 @@ def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, pla
     return rows
 
 
-def ablation(work: Workload, kinds: list[str]) -> list[dict[str, Any]]:
+ABLATIONS = ("channels_last", "amp", "compile", "loader", "sync", "fold", "cohort", "graphs", "cudnn")
+
+
+def ablation(work: Workload, kinds: list[str], only: list[str] | None = None) -> list[dict[str, Any]]:
     """The fast path with one optimisation flipped at a time, timed in turns with an unflipped one: images/s
-    with the optimisation and without it."""
+    with the optimisation and without it. `only`: these of `ABLATIONS` (default: every one that applies)."""
     cfg, rows = work.cfg, []
 
     def flip(field: str) -> TrainConfig:
         return dataclasses.replace(cfg, **{field: not getattr(cfg, field)})
 
     for kind in kinds:
-        variants: list[tuple[str, bool, Callable[[], Timed]]] = [
-            ("channels_last", cfg.channels_last, partial(work.fast, kind, flip("channels_last"))),
-            ("bf16 autocast", cfg.amp, partial(work.fast, kind, flip("amp"))),
-            ("torch.compile", cfg.compile, partial(work.fast, kind, flip("compile"))),
-            ("data on the device (vs DataLoader)", True, partial(work.fast, kind, loader=True)),
-            ("no host sync per step (vs loss.item())", True, partial(work.fast, kind, sync_each_step=True)),
+        variants: list[tuple[str, str, bool, Callable[[], Timed]]] = [
+            ("channels_last", "channels_last", cfg.channels_last, partial(work.fast, kind, flip("channels_last"))),
+            ("amp", "bf16 autocast", cfg.amp, partial(work.fast, kind, flip("amp"))),
+            ("compile", "torch.compile", cfg.compile, partial(work.fast, kind, flip("compile"))),
+            ("loader", "data on the device (vs DataLoader)", True, partial(work.fast, kind, loader=True)),
+            ("sync", "no host sync per step (vs loss.item())", True, partial(work.fast, kind, sync_each_step=True)),
         ]
+        if kind != "teacher":
+            variants.append(("fold", "frozen teacher's BNs folded", True, partial(work.fast, kind, fold=False)))
         if kind == "dih":
-            variants.append(("cohort once (vs heads twice)", True,
+            variants.append(("cohort", "cohort once (vs heads twice)", True,
                              partial(work.fast, kind, cohort_twice=True)))
         if work.device.type == "cuda":
-            variants += [("CUDA graphs", cfg.cuda_graphs, partial(work.fast, kind, flip("cuda_graphs"))),
-                         ("cudnn.benchmark", torch.backends.cudnn.benchmark,
+            variants += [("graphs", "CUDA graphs", cfg.cuda_graphs, partial(work.fast, kind, flip("cuda_graphs"))),
+                         ("cudnn", "cudnn.benchmark", torch.backends.cudnn.benchmark,
                           partial(_flipped_cudnn_benchmark, work, kind))]
-        for name, in_fast_path, flipped in variants:
+        for key, name, in_fast_path, flipped in variants:
+            if only and key not in only:
+                continue
             base_s, flipped_s = seconds_per_step([work.fast(kind), flipped()], work.plan, work.device)
             base, flipped_img_s = work.cfg.batch_size / base_s, work.cfg.batch_size / flipped_s
             on, off = (base, flipped_img_s) if in_fast_path else (flipped_img_s, base)
@@ -776,9 +797,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bf16 autocast (auto: what the stage scripts choose for the device)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                    help="torch.compile and/or CUDA graphs, as the stage scripts' flag (auto: what they choose)")
+    p.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
+                   help="the fast path's memory format (auto: what the stage scripts choose for the device); "
+                        "with --amp, how another CPU's defaults are measured here (docs/BENCHMARKS.md, AVX2)")
     p.add_argument("--quick", action="store_true", help="few steps: about 30 s on 2 quiet CPU cores")
     p.add_argument("--growth", action="store_true", help="also epoch times for res20/56/110 x batch 64/128/256")
-    p.add_argument("--ablation", action="store_true", help="also the fast path with each optimisation flipped")
+    p.add_argument("--ablation", nargs="*", choices=ABLATIONS, default=None, metavar="NAME",
+                   help="also the fast path with each optimisation flipped (names: only those, of "
+                        f"{', '.join(ABLATIONS)})")
     p.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=None, metavar="METHOD",
                    help="also the student step of these methods against KD's (no names: every method but CE)")
     p.add_argument("--project", nargs="*", choices=MODEL_NAMES, default=None, metavar="TEACHER",
@@ -808,9 +834,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def engine_config(args: argparse.Namespace) -> tuple[torch.device, TrainConfig]:
     """The device and `TrainConfig` that the stage scripts build for these flags (cli.parse decides amp,
-    compile, channels_last and cudnn.benchmark per device type)."""
+    compile, channels_last and cudnn.benchmark per device type); `--channels_last on|off` overrides the layout."""
     argv = ["--batch_size", str(args.batch_size), "--amp", args.amp, "--compile", args.compile]
     _, device, cfg = cli.parse(cli.common_parser(""), argv + (["--gpu_id", args.gpu_id] if args.gpu_id else []))
+    if args.channels_last != "auto":
+        cfg = dataclasses.replace(cfg, channels_last=args.channels_last == "on")
     return device, cfg
 
 
@@ -829,8 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Workload.build(args.teacher, args.student, args.num_classes, cfg, device, plan)
     results = compare(work, args.stages)
     extra: dict[str, Any] = {}
-    if args.ablation:
-        extra["ablation"] = ablation(work, args.stages)
+    if args.ablation is not None:
+        extra["ablation"] = ablation(work, args.stages, args.ablation)
     if args.growth:
         extra["growth"] = growth(args, cfg, device, plan)
     if args.methods is not None:

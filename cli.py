@@ -21,7 +21,7 @@ from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_d
 from data.base import one_line
 from engine import EXTRAS_FILE, RESUME_FILE, TrainConfig
 from heads import IntermediateHeads
-from models import TapModel, build_model
+from models import TapModel, build_model, fold_batchnorm
 from utils import (
     COMPILE_MODES,
     UserError,
@@ -294,10 +294,13 @@ def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None
     return ckpt
 
 
-def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: torch.device, cfg: TrainConfig):
+def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: torch.device, cfg: TrainConfig,
+                  fold: bool = True):
     """The frozen teacher from `read_teacher`'s checkpoint, checked against the data; and its identity.
 
-    The image size is checked before the dataset, so that a 32x32 teacher offered 64x64 data says so.
+    The image size is checked before the dataset, so that a 32x32 teacher offered 64x64 data says so. With
+    `fold`, what comes back is a copy with its batch norms folded into its convolutions (`models.fold_batchnorm`:
+    the same outputs up to float rounding, at less cost), made after the fingerprint check.
     """
     expect_match(ckpt, "--teacher_ckpt", model=name, image_size=data.image_size, num_classes=data.num_classes,
                  dataset=data.name)
@@ -306,7 +309,8 @@ def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: 
     if model_fingerprint(teacher) != ckpt["fingerprint"]:
         raise UserError(f"--teacher_ckpt: the weights in {ckpt['path']} do not match their recorded fingerprint "
                         "(corrupt?)")
-    return teacher.eval().requires_grad_(False), identity(ckpt)
+    teacher = fold_batchnorm(teacher) if fold else teacher.eval().requires_grad_(False)
+    return teacher, identity(ckpt)
 
 
 def read_heads(args: argparse.Namespace) -> dict[str, Any]:

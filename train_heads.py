@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     with run_folder(out_dir):  # one writer per run folder, from before its data is loaded to its end
         cfg = cli.keep_layout(cfg, out_dir, args.resume)
         data = cli.load_data(args, device)
-        teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg)
+        # Unfolded: the stage evaluates it as it is and folds its own copy for the training steps.
+        teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg, fold=False)
         torch.manual_seed(args.seed)
         heads = heads_for(teacher, data.num_classes, data.image_size).to(device)
         taps = ", ".join(heads.tap_names)

@@ -134,15 +134,23 @@ class Execution:
     cuda_graphs: bool  # the whole step, optimizer included, captured once and replayed
 
 
-def choose_execution(device: torch.device, amp_mode: str, compile_mode: str, *, native_bf16: bool, avx512: bool
-                     ) -> Execution:
+# torch's CPU capabilities (`torch.backends.cpu.get_cpu_capability()`) where channels_last was measured faster.
+CHANNELS_LAST_CPUS = ("AVX2", "AVX512")
+
+
+def choose_execution(device: torch.device, amp_mode: str, compile_mode: str, *, native_bf16: bool,
+                     cpu_capability: str) -> Execution:
     """`--amp` and `--compile` (auto/on/off/...) made concrete for `device`; what each auto picks is measured
     in docs/BENCHMARKS.md.
 
-    amp auto: bf16 on CUDA GPUs with bf16 units and on CPUs with native bf16 (1.4-1.7x faster there), else fp32:
-    elsewhere bf16 is emulated. channels_last: on CUDA and on AVX-512 CPUs (1.2-1.4x there, never slower), NCHW
-    elsewhere (unmeasured). compile auto: off (a CPU pays 1-2 minutes of compilation per run; the GPU modes are
-    untimed until make gpu-check runs). graphs and max (= on + graphs) need CUDA.
+    device                            amp auto                               channels_last        compile auto
+    CUDA GPU                          bf16 if the GPU has bf16 units         on                   off
+    CPU with native bf16 (AMX, ...)   bf16: 1.4-1.7x                         on: 1.2-1.4x         off
+    AVX2 CPU, no native bf16          fp32: emulated bf16 is ~30x slower     on: 1.14-1.17x       off
+    other CPUs (ARM, ...)             fp32                                   off (unmeasured)     off
+
+    compile auto is off: a CPU pays 1-2 minutes of compilation per run (and gains nothing on top of bf16); the GPU
+    modes are untimed until make gpu-check runs. graphs and max (= on + graphs) need CUDA.
     """
     cuda = device.type == "cuda"
     if compile_mode in ("graphs", "max") and not cuda:
@@ -151,16 +159,16 @@ def choose_execution(device: torch.device, amp_mode: str, compile_mode: str, *, 
     auto_amp = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else native_bf16
     return Execution(
         amp=amp_mode == "on" or (amp_mode == "auto" and auto_amp),
-        channels_last=cuda or avx512,
+        channels_last=cuda or cpu_capability in CHANNELS_LAST_CPUS,
         compile=compile_mode in ("on", "max"),
         cuda_graphs=compile_mode in ("graphs", "max"),
     )
 
 
-def cpu_execution_inputs() -> dict[str, bool]:
-    """This CPU's `native_bf16` and `avx512`, as `choose_execution` takes them."""
+def cpu_execution_inputs() -> dict[str, Any]:
+    """This CPU's `native_bf16` and `cpu_capability` (torch's: AVX2, AVX512, ...), as `choose_execution` takes them."""
     return {"native_bf16": native_bf16(cpu_flags(), torch_cpu_bf16()),
-            "avx512": torch.backends.cpu.get_cpu_capability().startswith("AVX512")}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def parse_schedule(tokens: list[str]) -> list[int]:

@@ -9,6 +9,7 @@ teacher, and trains the student by KD from it. Both legs use the same α and T: 
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 from typing import Any
 
@@ -25,6 +26,7 @@ from .kd import METHOD as KD
 from .kd import KnowledgeDistillation
 
 
+@functools.cache  # building a model, even on the meta device, takes 0.1 s: the sweep's report asks hundreds of times
 def parameter_count(name: str) -> int:
     """Parameters of a model of the zoo, counted without allocating its weights."""
     with torch.device("meta"):

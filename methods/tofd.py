@@ -26,7 +26,7 @@ from checkpoint import load_weights
 from data import Batch
 from engine import Stage, StepOutput
 from heads import AuxiliaryClassifiers, tofd_aux_for
-from models import Features, TapModel
+from models import Features, TapModel, fold_batchnorm
 
 from .base import FEATURES, Method, Setup, StudentStage, TeacherOutputs
 
@@ -111,8 +111,8 @@ class TaskOrientedDistillation(StudentStage):
 
     The student gets auxiliary classifiers only where the teacher has a partner (a 3-tap student of a 4-tap
     teacher pairs aux_1, aux_2 and the mains; the teacher's aux_3 is not used). The teacher and its auxiliary
-    classifiers run frozen, in eval mode: the teacher in its shared pass, its auxiliary classifiers in the step on
-    that pass's taps, under inference mode.
+    classifiers run frozen, in eval mode, with their batch norms folded: the teacher in its shared pass, its
+    auxiliary classifiers in the step on that pass's taps, under inference mode.
     """
 
     needs = frozenset({FEATURES})
@@ -129,7 +129,7 @@ class TaskOrientedDistillation(StudentStage):
         super().__init__(setup, {"aux": aux, "links": links})
         self.aux, self.links = aux, links
         self.teacher.eval().requires_grad_(False)
-        self.teacher_aux = teacher_aux.to(data.x_train.device).eval().requires_grad_(False)
+        self.teacher_aux = fold_batchnorm(teacher_aux.to(data.x_train.device))
         # A device tensor rather than a float, so that a compiled step reads each epoch's value without
         # recompiling; set from the epoch number alone, so --resume recomputes it.
         self.temperature = torch.ones((), device=data.x_train.device)

@@ -9,12 +9,14 @@ from collections.abc import Callable
 from functools import partial
 
 from .base import Features, TapModel
+from .fold import count_batchnorms, fold_batchnorm
 from .resnet import ResNet
 from .resnet_cifar import WIDTHS_X4, CifarResNet
 from .vgg import VGG11, BenchmarkVGG
 from .wrn import WideResNet
 
-__all__ = ["MODEL_NAMES", "REPDISTILLER_NAMES", "Features", "TapModel", "build_model"]
+__all__ = ["MODEL_NAMES", "REPDISTILLER_NAMES", "Features", "TapModel", "build_model", "count_batchnorms",
+           "fold_batchnorm"]
 
 _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "res8": partial(CifarResNet, 8),

@@ -8,7 +8,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from methods.takd import parameter_count
 from utils import atomic_write_text
@@ -16,6 +16,9 @@ from utils import atomic_write_text
 from . import published
 from .graph import read_summary
 from .grid import METHODS, Sweep
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,40 @@ class Stat:
             return "—"
         spread = f" ± {self.std:.2f}" if self.std is not None else ""
         return f"{self.mean:.2f}{spread} (n={self.n})"
+
+
+# The references of the paired comparison: every method against canonical KD, and against DIH.
+REFERENCES = ("kd", "dih")
+
+
+@dataclass(frozen=True)
+class Difference(Stat):
+    """A method's final accuracy minus a reference method's, seed by seed, over the seeds where both finished.
+
+    Paired: students of one seed start from the same weights and see the same batches in the same order, so the
+    difference leaves out most of what varies from seed to seed. `wins`: the seeds where the method is ahead.
+    """
+
+    @property
+    def wins(self) -> int:
+        return sum(value > 0 for value in self.values)
+
+    def __str__(self) -> str:
+        if not self.values:
+            return "—"
+        spread = f" ± {self.std:.2f}" if self.std is not None else ""
+        return f"{self.mean:+.2f}{spread}, won {self.wins}/{self.n}"
+
+
+def paired(method: list[dict[str, Any] | None], reference: list[dict[str, Any] | None]) -> Difference:
+    """`method`'s final accuracy minus `reference`'s, seed by seed (both lists in the sweep's seed order)."""
+    return Difference(tuple(m["final_test_acc"] - r["final_test_acc"] for m, r in zip(method, reference, strict=True)
+                            if m and r))
+
+
+def difference_column(method: str, reference: str) -> str:
+    """The column of `method` − `reference` in rows and in results.csv."""
+    return f"{label(method)} vs {label(reference)}"
 
 
 def label(method: str) -> str:
@@ -75,6 +112,9 @@ def aggregate(sweep: Sweep) -> list[dict[str, str | Stat]]:
                 row[label(method)] = final_accs(summaries)
             for method, summaries in students.items():
                 row[f"{label(method)} best epoch"] = Stat(tuple(s["best_test_acc"] for s in summaries if s))
+            for reference in (r for r in REFERENCES if r in students):
+                for method in (m for m in students if m != reference):
+                    row[difference_column(method, reference)] = paired(students[method], students[reference])
             rows.append(row)
     return rows
 
@@ -89,7 +129,8 @@ def columns(rows: list[dict[str, str | Stat]]) -> list[str]:
 
 
 def to_markdown(sweep: Sweep, rows: list[dict[str, str | Stat]]) -> str:
-    header = columns(rows)
+    """The accuracy table, then one table of paired differences per reference method in the sweep."""
+    header = [key for key in columns(rows) if not isinstance(rows[0].get(key), Difference)]
     epochs = (f"{sweep.teacher_epochs}/{sweep.heads_epochs}/{sweep.epochs} epochs (teacher/heads/student)"
               if sweep.teacher_epochs != sweep.epochs or sweep.heads_epochs != sweep.epochs
               else f"{sweep.epochs} epochs")
@@ -104,24 +145,48 @@ def to_markdown(sweep: Sweep, rows: list[dict[str, str | Stat]]) -> str:
         "|" + "|".join("---" for _ in header) + "|",
     ]
     lines += ["| " + " | ".join(str(row.get(key, Stat(()))) for key in header) + " |" for row in rows]
+    for reference in (r for r in REFERENCES if r in sweep.methods):
+        others = [m for m in sweep.methods if m != reference]
+        lines += [
+            "",
+            f"## Paired by seed: each method minus {label(reference)}",
+            "",
+            f"Final test accuracy minus {label(reference)}'s of the same seed (points): mean ± sample std over the "
+            "seeds where both finished, and the seeds the method won. Students of one seed start from the same "
+            "weights and see the same batches in the same order, so these differences are paired.",
+            "",
+            "| teacher | student | " + " | ".join(label(m) for m in others) + " |",
+            "|" + "|".join("---" for _ in range(len(others) + 2)) + "|",
+        ]
+        lines += [f"| {row['teacher']} | {row['student']} | "
+                  + " | ".join(str(row.get(difference_column(m, reference), Difference(()))) for m in others) + " |"
+                  for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict[str, str | Stat]]) -> str:
-    """Numbers rather than formatted text: `<column> mean`, `<column> std`, `<column> n` for each statistic."""
+    """Numbers rather than formatted text: `<column> mean`, `<column> std`, `<column> n` for each statistic, and
+    `<column> wins` for a paired difference (`<method> vs <reference>`: the method minus the reference)."""
+    keys = columns(rows)
+    first = {key: next(row[key] for row in rows if key in row) for key in keys}  # each column's kind
     header: list[str] = []
-    for key in columns(rows):
-        header += [key] if isinstance(rows[0].get(key), str) else [f"{key} mean", f"{key} std", f"{key} n"]
+    for key in keys:
+        header += [key] if isinstance(first[key], str) else [f"{key} {part}" for part in csv_parts(first[key])]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
         cells: list[Any] = []
-        for key in columns(rows):
-            value = row.get(key, Stat(()))
-            cells += [value] if isinstance(value, str) else [value.mean, value.std, value.n]
+        for key in keys:
+            value = row.get(key, type(first[key])(()))
+            cells += [value] if isinstance(value, str) else [getattr(value, part) for part in csv_parts(value)]
         writer.writerow(["" if cell is None else cell for cell in cells])
     return buffer.getvalue()
+
+
+def csv_parts(value: Stat) -> tuple[str, ...]:
+    """The numbers a statistic contributes to results.csv."""
+    return ("mean", "std", "n", "wins") if isinstance(value, Difference) else ("mean", "std", "n")
 
 
 def read_curve(out_dir: Path) -> list[float]:
@@ -136,8 +201,9 @@ def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
 
     curves.png: test accuracy by epoch per method (mean over seeds, min–max band), one panel per teacher;
     bars.png: the table as grouped bars with ±std error bars;
-    gap.png: the paper's argument at a glance — final student accuracy against teacher size (parameters, log
-    axis), one line per method with its seed spread (the capacity gap: where KD falls off, DIH should not).
+    gap.png (`gap_figure`): the paper's argument at a glance — final student accuracy against the teacher, in
+    order of size, one line per method with its seed spread (the capacity gap: where KD falls off, DIH should
+    not).
     """
     import matplotlib
 
@@ -187,31 +253,65 @@ def plot(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> None:
     fig.savefig(out / "bars.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(sweep.students), figsize=(6.5 * len(sweep.students), 4.5), squeeze=False)
+    fig = gap_figure(sweep, rows)
+    fig.savefig(out / "gap.png", dpi=120)
+    plt.close(fig)
+
+
+CLUSTER = 0.7  # how much of the space between two neighbouring teachers one teacher's methods take
+
+
+def method_offsets(count: int) -> list[float]:
+    """Where `count` methods sit around their teacher's position (teachers are 1 apart), in the methods' order."""
+    if count < 2:
+        return [0.0] * count
+    return [CLUSTER * (i / (count - 1) - 0.5) for i in range(count)]
+
+
+def millions(parameters: int) -> str:
+    """A parameter count as gap.png labels it: 1.73M."""
+    return f"{parameters / 1e6:.2f}M"
+
+
+def gap_figure(sweep: Sweep, rows: list[dict[str, str | Stat]]) -> Figure:
+    """gap.png: each method's final student accuracy against the teacher, teachers in order of size, with the
+    seed spread; the methods side by side at each teacher (`method_offsets`).
+
+    The teachers are evenly spaced by rank, not placed on a log-parameter axis: the paper's teachers include
+    near-equal sizes (WRN-28-2 1.47M and ResNet-110 1.73M parameters, 0.07 decades apart), where nine methods
+    side by side on a log axis would get a pixel or two each. Each teacher's name and parameter count label its
+    position, below the axes, and the legend sits outside them: neither covers a point. (Counts are those of the
+    10-class model, `parameter_count`: the order is what matters.)
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
     size = {teacher: parameter_count(teacher) for teacher in sweep.teachers}
+    offsets = dict(zip(sweep.methods, method_offsets(len(sweep.methods)), strict=True))
+    width = max(6.5, 3.5 + 1.0 * len(sweep.teachers))
+    fig, axes = plt.subplots(1, len(sweep.students), figsize=(width * len(sweep.students), 4.5), squeeze=False)
     for ax, student in zip(axes[0], sweep.students, strict=True):
         ordered = sorted((row for row in rows if row["student"] == student), key=lambda row: size[row["teacher"]])
-        x = np.array([size[row["teacher"]] for row in ordered], dtype=float)
+        x = np.arange(len(ordered), dtype=float)
         for method in sweep.methods:
             stats = [row[label(method)] for row in ordered]
             mean = np.array([s.mean if s.n else np.nan for s in stats])
             if np.isnan(mean).all():
                 continue
             spread = np.array([s.std or 0.0 for s in stats])
-            ax.errorbar(x, mean, yerr=spread, color=colour(method), marker="o", capsize=3, label=label(method),
+            ax.errorbar(x + offsets[method], mean, yerr=spread, color=colour(method), marker="o", markersize=4,
+                        capsize=2, elinewidth=1, label=label(method),
                         linestyle="--" if method == "ce" else "-")  # CE has no teacher: its line is flat
-        ax.set_xscale("log")
-        ax.set(title=f"student {student}", xlabel="teacher parameters (log scale)",
+        ax.set_xticks(x, [f"{row['teacher']}\n{millions(size[row['teacher']])}" for row in ordered],
+                      fontsize="small")
+        ax.set_xlim(-0.6, len(ordered) - 0.4)
+        ax.set(title=f"student {student}", xlabel="teacher, by parameter count",
                ylabel="student's final test accuracy (%)")
-        for row, position in zip(ordered, x, strict=True):
-            ax.annotate(row["teacher"], (position, ax.get_ylim()[0]), fontsize="x-small", rotation=90,
-                        xytext=(2, 4), textcoords="offset points")
-        if ax.lines:
-            ax.legend(fontsize="small", ncol=2)
+        if ax.containers:
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{sweep.name}: the capacity gap (mean ± std over seeds)", fontsize="medium")
     fig.tight_layout()
-    fig.savefig(out / "gap.png", dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def literature(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> str:

@@ -32,21 +32,23 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
 # ------------------------------------------------------------------------------------- execution choice
 
 
-@pytest.mark.parametrize("native,avx512", [(True, True), (False, True), (False, False), (True, False)])
-def test_cpu_auto_amp_follows_native_bf16_and_channels_last_avx512(native, avx512):
-    auto = choose_execution(CPU, "auto", "auto", native_bf16=native, avx512=avx512)
-    assert (auto.amp, auto.channels_last, auto.compile, auto.cuda_graphs) == (native, avx512, False, False)
-    assert choose_execution(CPU, "on", "off", native_bf16=native, avx512=avx512).amp
-    assert not choose_execution(CPU, "off", "on", native_bf16=native, avx512=avx512).amp
-    assert choose_execution(CPU, "off", "on", native_bf16=native, avx512=avx512).compile
+@pytest.mark.parametrize("native,capability,channels_last", [
+    (True, "AVX512", True), (False, "AVX512", True), (False, "AVX2", True), (False, "DEFAULT", False),
+    (True, "SVE256", False), (False, "NO AVX", False)])
+def test_cpu_auto_amp_follows_native_bf16_and_channels_last_the_measured_cpus(native, capability, channels_last):
+    auto = choose_execution(CPU, "auto", "auto", native_bf16=native, cpu_capability=capability)
+    assert (auto.amp, auto.channels_last, auto.compile, auto.cuda_graphs) == (native, channels_last, False, False)
+    assert choose_execution(CPU, "on", "off", native_bf16=native, cpu_capability=capability).amp
+    assert not choose_execution(CPU, "off", "on", native_bf16=native, cpu_capability=capability).amp
+    assert choose_execution(CPU, "off", "on", native_bf16=native, cpu_capability=capability).compile
 
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_cuda_auto_amp_follows_the_gpu(monkeypatch, bf16):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
-    auto = choose_execution(CUDA, "auto", "auto", native_bf16=False, avx512=False)
+    auto = choose_execution(CUDA, "auto", "auto", native_bf16=False, cpu_capability="DEFAULT")
     assert (auto.amp, auto.channels_last, auto.compile, auto.cuda_graphs) == (bf16, True, False, False)
-    modes = {mode: choose_execution(CUDA, "auto", mode, native_bf16=False, avx512=False)
+    modes = {mode: choose_execution(CUDA, "auto", mode, native_bf16=False, cpu_capability="DEFAULT")
              for mode in ("off", "on", "graphs", "max")}
     assert {mode: (e.compile, e.cuda_graphs) for mode, e in modes.items()} == {
         "off": (False, False), "on": (True, False), "graphs": (False, True), "max": (True, True)}
@@ -55,7 +57,7 @@ def test_cuda_auto_amp_follows_the_gpu(monkeypatch, bf16):
 @pytest.mark.parametrize("mode", ["graphs", "max"])
 def test_cuda_graphs_on_the_cpu_are_a_user_error(mode):
     with pytest.raises(UserError, match=f"--compile {mode}.*GPU"):
-        choose_execution(CPU, "auto", mode, native_bf16=True, avx512=True)
+        choose_execution(CPU, "auto", mode, native_bf16=True, cpu_capability="AVX512")
 
 
 def test_native_bf16_needs_every_available_source_to_agree(tmp_path):

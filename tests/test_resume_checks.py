@@ -81,11 +81,11 @@ def test_resume_refuses_a_network_changed_on_disk(networks, micro_npz, tmp_path,
 def test_resume_keeps_the_memory_layout_the_run_started_with(micro_npz, tmp_path, monkeypatch):
     """channels_last follows the device, and the two layouts round differently: a run started where it is on
     (an AVX-512 CPU) and resumed where it would be off keeps it, and ends bit-identical to an undisturbed run."""
-    def cpu(avx512: bool) -> None:
-        monkeypatch.setattr(cli, "cpu_execution_inputs", lambda: {"native_bf16": False, "avx512": avx512})
+    def cpu(capability: str) -> None:
+        monkeypatch.setattr(cli, "cpu_execution_inputs", lambda: {"native_bf16": False, "cpu_capability": capability})
 
     flags = ["--model", "res8", "--dataset", str(micro_npz), "--epochs", "2", "--amp", "off", *FAST]
-    cpu(avx512=True)
+    cpu("AVX512")
     train_teacher.main([*flags, "--out_dir", str(tmp_path / "whole")])
     save = engine.Run._save_progress
 
@@ -99,7 +99,7 @@ def test_resume_keeps_the_memory_layout_the_run_started_with(micro_npz, tmp_path
     monkeypatch.setattr(engine.Run, "_save_progress", save)
     assert load_checkpoint(tmp_path / "cut" / "last.pt", "resume", "test")["channels_last"] is True
 
-    cpu(avx512=False)  # another machine, whose default layout is NCHW
+    cpu("DEFAULT")  # another machine (no AVX2: an ARM CPU, say), whose default layout is NCHW
     summary = train_teacher.main([*flags, "--out_dir", str(tmp_path / "cut"), "--resume"])
     assert summary["config"]["channels_last"] is True
     a, b = (torch.load(tmp_path / run / "teacher.pt", weights_only=True)["state_dict"] for run in ("whole", "cut"))
