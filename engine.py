@@ -169,21 +169,32 @@ WARMUP_STEPS = 2  # eager steps of each batch shape before it is captured: momen
 
 
 def on_side_stream(step: TrainStep, batch: Batch) -> StepResult:
-    """An eager step on a side stream, as CUDA graphs want their warm-up; the outputs come back on the current one."""
-    current, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        outputs = step(batch)
-    current.wait_stream(side)
+    """An eager step on a side stream of the batch's GPU, as CUDA graphs want their warm-up; the outputs come back
+    on that GPU's current stream."""
+    with torch.cuda.device(batch.x.device):
+        current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            outputs = step(batch)
+        current.wait_stream(side)
     return outputs
 
 
 def capture_cuda_graph(step: TrainStep, static: Batch) -> tuple[Callable[[], None], StepResult]:
-    """Record `step` on the static batch as a CUDA graph: its replay function and its static outputs."""
+    """Record `step` on the static batch as a CUDA graph: its replay function and its static outputs.
+
+    The capture stream is made on the batch's GPU (torch.cuda.graph's default one is made once per process, on
+    whichever GPU was current then), and the replay runs with that GPU current."""
+    device = static.x.device
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
         outputs = step(static)
-    return graph.replay, outputs
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return replay, outputs
 
 
 class GraphedStep:
@@ -197,6 +208,9 @@ class GraphedStep:
     kernels' own nondeterminism. A graph sees tensors, not Python values: state that a stage changes between
     epochs must live in a tensor updated in place (as TOFD's temperature does), and a step must not read a
     value back to the host. `warm` and `capture` are CUDA's unless a test fakes them.
+
+    `counts` tallies warm-up steps, captures and replays (fit records them per epoch in metrics.jsonl and in
+    summary.json): every step after the warm-ups is a replay, the evidence that graphs ran at all.
     """
 
     def __init__(self, step: TrainStep, optimizer: torch.optim.Optimizer,
@@ -206,6 +220,7 @@ class GraphedStep:
         self.eager_steps: Counter[tuple[int, ...]] = Counter()
         self.graphs: dict[tuple[int, ...], tuple[Batch, Callable[[], None], StepResult]] = {}
         self.hyper: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
 
     def __call__(self, batch: Batch) -> StepResult:
         hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
@@ -216,15 +231,24 @@ class GraphedStep:
         if shape not in self.graphs:
             if self.eager_steps[shape] < WARMUP_STEPS:
                 self.eager_steps[shape] += 1
+                self.counts["warmups"] += 1
                 return self.warm(self.step, batch)
             self.graphs[shape] = self._capture(batch)
+            self.counts["captures"] += 1
         static, replay, outputs = self.graphs[shape]
         for buffer, value in zip(static, batch, strict=True):
             if buffer is not None:
                 buffer.copy_(value)
         replay()
+        self.counts["replays"] += 1
         loss, correct = outputs
         return loss.clone(), None if correct is None else correct.clone()
+
+    def take_counts(self) -> dict[str, int]:
+        """Warm-up steps, captures and replays since the last call."""
+        counts = {key: self.counts[key] for key in ("warmups", "captures", "replays")}
+        self.counts.clear()
+        return counts
 
     def _capture(self, batch: Batch) -> tuple[Batch, Callable[[], None], StepResult]:
         static = Batch(*(None if t is None else t.clone() for t in batch))
@@ -270,6 +294,7 @@ def fit(
     total = sum(phase.epochs for phase in phases)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
+    generators = run_generators(generator)
     history: list[dict[str, Any]] = []
     optimizer_state: tuple[int, dict] | None = None  # (phase index, state) restored from last.pt
 
@@ -277,10 +302,12 @@ def fit(
     if summary_path.exists() or resume_path.exists():
         if not resume:
             raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out_dir")
-        history, optimizer_state = _restore(resume_path, stage, generator, args, cfg)
+        ckpt = _restore(resume_path, stage, args, cfg)
         if summary_path.exists():
             log(f"{out_dir} is already finished; nothing to do")
             return json.loads(summary_path.read_text())
+        history, optimizer_state = ckpt["history"], (ckpt["phase_index"], ckpt["optimizer"])
+        restore_random_state(ckpt, generators, cfg.seed + RESEED_STRIDE * len(history), log)
         log(f"resuming {out_dir} after epoch {history[-1]['epoch']}")
 
     eval_step = torch.compile(stage.evaluate) if cfg.compile else stage.evaluate
@@ -329,9 +356,11 @@ def fit(
         }
         if len(test) > 1:
             row["test_acc_by_output"] = {name: acc for name, (_, acc) in test.items()}
+        if isinstance(train_step, GraphedStep):  # what a caller reads to know that the graphs ran
+            row["cuda_graphs"] = {"steps": steps, **train_step.take_counts()}
         row["seconds"] = time.perf_counter() - started
         history.append(row)
-        _save_progress(out_dir, stage, index, optimizer, generator, history, args, cfg)
+        _save_progress(out_dir, stage, index, optimizer, generators, history, args, cfg)
         train_acc = "-" if row["train_acc"] is None else f"{row['train_acc']:.2f}"
         log(
             f"epoch {epoch:3d}/{total} {phase.name if len(phases) > 1 else ''} lr {lr:.4g}  "
@@ -356,7 +385,7 @@ def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: Train
     return {name: (float(s[0]) / count, 100.0 * float(s[1]) / count) for name, s in sums.items()}
 
 
-def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator, history, args, cfg) -> None:
+def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generators, history, args, cfg) -> None:
     """Everything needed to continue exactly after this epoch, then the metrics so far."""
     save_checkpoint(
         out_dir / RESUME_FILE,
@@ -368,15 +397,59 @@ def _save_progress(out_dir, stage: Stage, phase_index: int, optimizer, generator
         phase_index=phase_index,
         amp=cfg.amp,  # the effective precision: --amp auto may pick another one on another machine
         optimizer=optimizer.state_dict(),
-        data_rng=generator.get_state(),
-        torch_rng=torch.get_rng_state(),
-        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **save_random_state(generators),
     )
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
-def _restore(path: Path, stage: Stage, generator, args: dict[str, Any], cfg: TrainConfig
-             ) -> tuple[list[dict[str, Any]], tuple]:
+RESEED_STRIDE = 1_000_003  # a stream reseeded on resume starts from --seed + this x the epochs done
+
+
+def run_generators(data: torch.Generator) -> dict[str, torch.Generator]:
+    """The generators a run draws from, by their last.pt key: the data generator (batch order, crops, flips; on the
+    run's device), torch's CPU generator, and on a GPU that GPU's default generator (CRD's negatives). No other
+    GPU's: their states mean nothing to this run, and another machine may have fewer."""
+    generators = {"data_rng": data, "torch_rng": torch.default_generator}
+    if data.device.type == "cuda":
+        torch.cuda.init()
+        index = torch.cuda.current_device() if data.device.index is None else data.device.index
+        generators["device_rng"] = torch.cuda.default_generators[index]
+    return generators
+
+
+def save_random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """The run's random state for last.pt, with the device it was drawn on."""
+    return {"rng_device": str(generators["data_rng"].device), **{k: g.get_state() for k, g in generators.items()}}
+
+
+def restore_random_state(saved: dict[str, Any], generators: dict[str, torch.Generator], reseed: int,
+                         log: Callable[[str], None]) -> None:
+    """Continue the saved random stream where it carries over; else reseed it, with a one-line notice.
+
+    torch's CPU generator always carries over. A GPU generator's state (a seed and an offset) means the same on any
+    GPU, so a run resumed on another GPU index continues its stream exactly; a CPU generator's (a Mersenne Twister)
+    cannot become a GPU's or back, so a run moved between the CPU and a GPU continues with the data and device
+    generators reseeded from `reseed`. A last.pt from before the device was recorded counts as the CPU's (every run
+    until then was); a state of another size than this torch's generator holds is reseeded, never a traceback.
+    """
+    generators["torch_rng"].set_state(saved["torch_rng"])
+    saved_on, device = torch.device(saved.get("rng_device", "cpu")), generators["data_rng"].device
+    drawn = {key: generator for key, generator in generators.items() if key != "torch_rng"}
+    if saved_on.type == device.type and all(
+            isinstance(saved.get(key), Tensor) and saved[key].numel() == g.get_state().numel()
+            for key, g in drawn.items()):
+        for key, generator in drawn.items():
+            generator.set_state(saved[key])
+        return
+    for generator in drawn.values():
+        generator.manual_seed(reseed)
+    log(f"--resume: this run was interrupted on {saved_on}, it continues on {device}; its random stream (batch order, "
+        "crops, flips, CRD's negatives) cannot carry over and is reseeded from --seed and the epoch, so the result "
+        "will differ from an uninterrupted run's")
+
+
+def _restore(path: Path, stage: Stage, args: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """last.pt checked against this run's arguments and precision, its weights loaded into the stage."""
     ckpt = load_checkpoint(path, "resume", "--resume")
     expect_match(ckpt, "--resume", stage=stage.kind)
     if ckpt.get("amp", cfg.amp) != cfg.amp:  # (checkpoints before this check did not record it)
@@ -394,11 +467,7 @@ def _restore(path: Path, stage: Stage, generator, args: dict[str, Any], cfg: Tra
             f"resume with the same arguments ({len(changed)} differ: {', '.join(changed)})"
         )
     load_weights(stage.trainable, ckpt, "--resume")
-    generator.set_state(ckpt["data_rng"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    if ckpt["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    return ckpt["history"], (ckpt["phase_index"], ckpt["optimizer"])
+    return ckpt
 
 
 def _finish(out_dir: Path, stage: Stage, data, cfg: TrainConfig, phases: list[Phase], history, args) -> dict:
@@ -430,6 +499,9 @@ def _finish(out_dir: Path, stage: Stage, data, cfg: TrainConfig, phases: list[Ph
     }
     if len(phases) > 1:
         summary["phases"] = [{"name": phase.name, "epochs": phase.epochs} for phase in phases]
+    graphed = [row["cuda_graphs"] for row in history if "cuda_graphs" in row]
+    if graphed:  # over the epochs run with CUDA graphs
+        summary["cuda_graphs"] = {key: sum(counts[key] for counts in graphed) for key in graphed[0]}
     if len(stage.extras):
         summary["extras"] = EXTRAS_FILE
     atomic_write_json(out_dir / "summary.json", summary)
