@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_learnable
 from torch import Tensor, nn
 
-import test_dih
-import train_heads
-import train_teacher
 from data import Batch, from_arrays
+from engine import TrainConfig, fit
 from heads import heads_for, tofd_aux_for
 from methods import METHODS, Setup
 from models import Features, build_model
+from stages import HeadsTraining, TeacherTraining
 
 CLASSES, SIZE, BATCH = 10, 16, 4
 CPU = torch.device("cpu")
@@ -95,14 +95,17 @@ def batches() -> tuple[Batch, Batch]:
                        torch.arange(BATCH) + i * BATCH) for i in range(2))
 
 
-def gradient(method: str, output: str = "logits", scale: float = 0.0, phase: int = -1, **hyper) -> dict[str, Tensor]:
-    """The student's gradient from `method`'s loss (of its `phase`), the teacher's `output` shifted by `scale`.
+def gradient(method: str, output: str = "logits", scale: float = 0.0, phase: int = -1, wrap: bool = True, **hyper
+             ) -> dict[str, Tensor]:
+    """The student's gradient from `method`'s loss (of its `phase`), the teacher's `output` shifted by `scale`
+    (`wrap=False`: the bare teacher).
 
     The one place that calls a method's step. CRD first runs a step's forward on an earlier batch: its memory
     banks take the teacher's embeddings from it, and the student meets them only in later steps.
     """
     stage = build_stage(method, **hyper)
-    stage.teacher = Perturbed(stage.teacher, output, scale)
+    if wrap:
+        stage.teacher = Perturbed(stage.teacher, output, scale)
     stage.trainable.train()
     stage.start_epoch(1)
     loss_fn = stage.phases(1)[phase].loss
@@ -172,12 +175,8 @@ def test_fitnets_hint_phase_learns_the_teachers_first_map_with_the_first_stage_o
 
 def test_a_perturbation_of_zero_changes_nothing():
     """The wrapper itself is faithful: scale 0 gives the gradient of the bare teacher, bit for bit."""
-    wrapped = gradient("dih")
-    stage = build_stage("dih")
-    stage.trainable.train()
-    stage.trainable.zero_grad(set_to_none=True)
-    stage.training_step(batches()[1])[0].backward()
-    assert all(torch.equal(wrapped[n], p.grad) for n, p in stage.model.named_parameters())
+    wrapped, bare = gradient("dih", "tap1"), gradient("dih", wrap=False)
+    assert wrapped.keys() == bare.keys() and all(torch.equal(wrapped[name], bare[name]) for name in bare)
 
 
 # With the teacher's weight at zero (KD family: α = 0; feature methods: β = 0) the gradient is the cross-entropy's,
@@ -212,44 +211,47 @@ def test_tofd_without_its_feature_weight_ignores_the_teachers_features():
 # ------------------------------------------------------------------------ α = 1: from the teacher alone
 
 
-FAST = ["--gpu_id", "cpu", "--batch_size", "16", "--lr", "0.05", "--schedule", "1"]
+def fit_quietly(stage, dataset, out: Path, epochs: int = 2) -> float:
+    """engine.fit at batch 16, lr 0.05 then 0.005: the final test accuracy."""
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, momentum=0.9, wd=5e-4, nesterov=True, schedule=(1,),
+                      gamma=0.1, seed=30)
+    return fit(stage, dataset, cfg, out, {}, log=lambda line: None)["final_test_acc"]
 
 
-@pytest.fixture(scope="module")
-def taught(learnable_npz, tmp_path_factory) -> dict[str, Path]:
-    """A res8 teacher trained 2 epochs on the learnable set, its DIH heads (1 epoch), and a barely trained teacher
-    (lr 1e-6: its outputs carry no class information) as the control."""
-    root = tmp_path_factory.mktemp("taught")
-    common = ["--dataset", str(learnable_npz), *FAST]
-    for name, lr in (("teacher", "0.05"), ("untrained", "1e-6")):
-        train_teacher.main(["--model", "res8", "--epochs", "2", *common, "--lr", lr, "--out_dir", str(root / name)])
-    train_heads.main(["--teacher", "res8", "--teacher_ckpt", str(root / "teacher" / "teacher.pt"), "--epochs", "1",
-                      *common, "--out_dir", str(root / "heads")])
-    return {"root": root, "npz": learnable_npz, "teacher": root / "teacher" / "teacher.pt",
-            "untrained": root / "untrained" / "teacher.pt", "heads": root / "heads" / "heads.pt"}
+def student_of(method: str, teacher: nn.Module, dataset, heads: nn.Module | None = None, **hyper):
+    torch.manual_seed(30)
+    spec = METHODS[method]
+    setup = Setup(build_model("res8", CLASSES), teacher, {**spec.defaults, "alpha": 1.0, **hyper}, dataset, meta={},
+                  heads=heads)
+    return spec.build(setup)
 
 
-def alpha_one(taught: dict[str, Path], method: str, out: str, teacher: str = "teacher", *extra: str) -> float:
-    summary = test_dih.main(["--method", method, "--student", "res8", "--teacher", "res8", "--teacher_ckpt",
-                             str(taught[teacher]), "--alpha", "1", "--dataset", str(taught["npz"]), "--epochs", "2",
-                             *FAST, "--out_dir", str(taught["root"] / out), *extra])
-    assert summary["alpha"] == 1.0
-    return summary["final_test_acc"]
-
-
-def test_kd_family_learns_from_the_teacher_alone(taught):
+def test_kd_family_learns_from_the_teacher_alone(tmp_path):
     """α = 1 leaves no cross-entropy in the student's loss: above chance (10%) only if the teacher's term works.
-    The control, KD from an untrained teacher, stays near chance: the labels do not leak in another way."""
-    accuracy = {
-        "kd": alpha_one(taught, "kd", "kd"),
-        "takd": alpha_one(taught, "takd", "takd", "teacher", "--ta", "res8", "--ta_ckpt",
-                          str(taught["root"] / "kd" / "student.pt")),  # the KD student as the assistant
-        # The cohort's mean: at α = 1 nothing tempers the sum's 4x larger step (4 members), which lr 0.05 overshoots.
-        "dih": alpha_one(taught, "dih", "dih", "teacher", "--heads_ckpt", str(taught["heads"]), "--cohort_reduction",
-                         "mean"),
-        "fitnets": alpha_one(taught, "fitnets", "fitnets", "teacher", "--hint_epochs", "1"),
-        "mhkd": alpha_one(taught, "mhkd", "mhkd"),
-    }
-    control = alpha_one(taught, "kd", "control", "untrained")
-    assert min(accuracy.values()) > 30.0, accuracy  # measured: 40 (TAKD, through its assistant) to 80
-    assert control < 20.0, control  # measured: 8
+    The control, KD from an untrained teacher, stays near chance: the labels do not leak in another way. On the
+    learnable set (tests/conftest.py) at 16x16: a res8 teacher trained 2 epochs, its heads 1, each student 2 (DIH 4).
+    Measured: teacher 90%, students 52-60%, control 1%."""
+    x_train, y_train, x_test, y_test = make_learnable(160, 100)
+    dataset = from_arrays(x_train[:, ::2, ::2].copy(), y_train, x_test[:, ::2, ::2].copy(), y_test, CPU)
+    torch.manual_seed(30)
+    teacher = build_model("res8", CLASSES)
+    teacher_acc = fit_quietly(TeacherTraining(teacher, "res8"), dataset, tmp_path / "teacher")
+    teacher.eval().requires_grad_(False)
+    torch.manual_seed(30)
+    heads = heads_for(teacher, CLASSES, dataset.image_size)
+    fit_quietly(HeadsTraining(teacher, heads, {"model": "res8", "fingerprint": "-"}), dataset, tmp_path / "heads", 1)
+    heads.eval().requires_grad_(False)
+    accuracy = {}
+    for method, extra, epochs in (("kd", {}, 2), ("fitnets", {"hint_epochs": 1}, 2), ("mhkd", {}, 2),
+                                  ("dih", {}, 4)):  # 4 members' KL at T = 5 alone: measured 30-41% after 2 epochs
+        stage = student_of(method, teacher, dataset, heads if method == "dih" else None, **extra)
+        accuracy[method] = fit_quietly(stage, dataset, tmp_path / method, epochs)
+        if method == "kd":  # TAKD: the KD student as the assistant, teaching the next student
+            assistant = stage.model.eval().requires_grad_(False)
+            accuracy["takd"] = fit_quietly(student_of("takd", assistant, dataset), dataset, tmp_path / "takd")
+    torch.manual_seed(31)
+    untrained = build_model("res8", CLASSES).eval().requires_grad_(False)
+    control = fit_quietly(student_of("kd", untrained, dataset), dataset, tmp_path / "control")
+    assert teacher_acc > 80.0, teacher_acc
+    assert min(accuracy.values()) > 35.0, accuracy
+    assert control < 20.0, control
