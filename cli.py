@@ -148,6 +148,9 @@ def parse(parser: Parser, argv: list[str] | None) -> tuple[argparse.Namespace, t
         pad_mode=args.pad_mode,
     )
     if device.type == "cuda":
+        # The run's GPU becomes the current one: CUDA graphs' streams and capture, torch.cuda calls without a
+        # device, and libraries that assume the current device then all act on it, not on cuda:0.
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     return args, device, cfg
 

@@ -229,21 +229,32 @@ WARMUP_STEPS = 2  # eager steps of each batch shape before it is captured: momen
 
 
 def on_side_stream(step: Callable[..., Any], inputs: tuple) -> Any:
-    """An eager step on a side stream, as CUDA graphs want their warm-up; the outputs come back on the current one."""
-    current, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        outputs = step(*inputs)
-    current.wait_stream(side)
+    """An eager step on a side stream of the inputs' GPU, as CUDA graphs want their warm-up; the outputs come back
+    on that GPU's current stream."""
+    with torch.cuda.device(tensors(inputs)[0].device):
+        current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            outputs = step(*inputs)
+        current.wait_stream(side)
     return outputs
 
 
 def capture_cuda_graph(step: Callable[..., Any], static: tuple) -> tuple[Callable[[], None], Any]:
-    """Record `step` on the static inputs as a CUDA graph: its replay function and its static outputs."""
+    """Record `step` on the static inputs as a CUDA graph: its replay function and its static outputs.
+
+    The capture stream is made on the inputs' GPU (torch.cuda.graph's default one is made once per process, on
+    whichever GPU was current then), and the replay runs with that GPU current."""
+    device = tensors(static)[0].device
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
         outputs = step(*static)
-    return graph.replay, outputs
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return replay, outputs
 
 
 def tensors(tree: Any) -> list[Tensor]:
@@ -268,6 +279,9 @@ class GraphedStep:
     values: state that a stage changes between epochs must live in a tensor updated in place (as TOFD's
     temperature does), and a step must not read a value back to the host. `warm` and `capture` are CUDA's
     unless a test fakes them.
+
+    `counts` tallies warm-up steps, captures and replays (a run records its train step's per epoch in
+    metrics.jsonl and in summary.json): every step after the warm-ups is a replay, the evidence that graphs ran.
     """
 
     def __init__(self, step: Callable[..., Any], optimizer: torch.optim.Optimizer | None = None,
@@ -277,6 +291,7 @@ class GraphedStep:
         self.eager_steps: Counter[tuple[int, ...]] = Counter()
         self.graphs: dict[tuple[int, ...], tuple[tuple, Callable[[], None], Any]] = {}
         self.hyper: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
 
     def __call__(self, *inputs: Any) -> Any:
         groups = self.optimizer.param_groups if self.optimizer is not None else []
@@ -289,13 +304,22 @@ class GraphedStep:
         if shape not in self.graphs:
             if self.eager_steps[shape] < WARMUP_STEPS:
                 self.eager_steps[shape] += 1
+                self.counts["warmups"] += 1
                 return self.warm(self.step, inputs)
             self.graphs[shape] = self._capture(inputs)
+            self.counts["captures"] += 1
         static, replay, outputs = self.graphs[shape]
         for buffer, value in zip(tensors(static), values, strict=True):
             buffer.copy_(value)
         replay()
+        self.counts["replays"] += 1
         return cloned(outputs)
+
+    def take_counts(self) -> dict[str, int]:
+        """Warm-up steps, captures and replays since the last call."""
+        counts = {key: self.counts[key] for key in ("warmups", "captures", "replays")}
+        self.counts.clear()
+        return counts
 
     def _capture(self, inputs: tuple) -> tuple[tuple, Callable[[], None], Any]:
         static = cloned(inputs)
@@ -323,27 +347,70 @@ def locate(phases: list[Phase], epoch: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- random streams
-# A run's own randomness (initial weights, CRD's negatives) comes from torch's global generators. Each run of a group
-# keeps its own copy of their state, swapped in around everything it does, so that its stream is the one its solo
-# run would see; last.pt records it under the same names.
+# A run draws from its data generator (batch order, crops, flips; on the run's device) and from torch's global
+# generators: the CPU's (initial weights) and, on a GPU, that GPU's default one (CRD's negatives). Each run of a group
+# keeps its own copy of the global generators' state, swapped in around everything it does, so that its stream is
+# the one its solo run would see. last.pt records all of them with the device they were drawn on; no other GPU's
+# state, which means nothing to this run and which another machine may lack.
+
+RESEED_STRIDE = 1_000_003  # a stream reseeded on resume starts from --seed + this x the epochs done
 
 
-def capture_random_streams() -> dict[str, Any]:
-    """The global generators' state, as last.pt records it."""
-    return {"torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def global_generators(device: torch.device) -> dict[str, torch.Generator]:
+    """torch's CPU generator and, on a GPU, that GPU's default generator, by their last.pt keys."""
+    generators = {"torch_rng": torch.default_generator}
+    if device.type == "cuda":
+        torch.cuda.init()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        generators["device_rng"] = torch.cuda.default_generators[index]
+    return generators
 
 
-def restore_random_streams(streams: dict[str, Any]) -> None:
-    """Set the global generators to a state from `capture_random_streams` (or a last.pt)."""
-    torch.set_rng_state(streams["torch_rng"])
-    if streams["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(streams["cuda_rng"])
+def run_generators(data: torch.Generator) -> dict[str, torch.Generator]:
+    """Every generator a run draws from, by its last.pt key: its data generator and the global ones of its device."""
+    return {"data_rng": data, **global_generators(data.device)}
 
 
-def random_streams_of(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The random streams a last.pt holds."""
-    return {key: ckpt[key] for key in ("torch_rng", "cuda_rng")}
+def capture_random_streams(device: torch.device) -> dict[str, Tensor]:
+    """The global generators' state on `device`, as last.pt records it."""
+    return {key: generator.get_state() for key, generator in global_generators(device).items()}
+
+
+def restore_random_streams(streams: dict[str, Tensor], device: torch.device) -> None:
+    """Set the global generators to a state from `capture_random_streams`."""
+    for key, generator in global_generators(device).items():
+        generator.set_state(streams[key])
+
+
+def save_random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """The run's random state for last.pt, with the device it was drawn on."""
+    return {"rng_device": str(generators["data_rng"].device), **{k: g.get_state() for k, g in generators.items()}}
+
+
+def restore_random_state(saved: dict[str, Any], generators: dict[str, torch.Generator], reseed: int,
+                         log: Callable[[str], None]) -> None:
+    """Continue the saved random stream where it carries over; else reseed it, with a one-line notice.
+
+    torch's CPU generator always carries over. A GPU generator's state (a seed and an offset) means the same on any
+    GPU, so a run resumed on another GPU index continues its stream exactly; a CPU generator's (a Mersenne Twister)
+    cannot become a GPU's or back, so a run moved between the CPU and a GPU continues with the data and device
+    generators reseeded from `reseed`. A last.pt from before the device was recorded counts as the CPU's (every run
+    until then was); a state of another size than this torch's generator holds is reseeded, never a traceback.
+    """
+    generators["torch_rng"].set_state(saved["torch_rng"])
+    saved_on, device = torch.device(saved.get("rng_device", "cpu")), generators["data_rng"].device
+    drawn = {key: generator for key, generator in generators.items() if key != "torch_rng"}
+    if saved_on.type == device.type and all(
+            isinstance(saved.get(key), Tensor) and saved[key].numel() == g.get_state().numel()
+            for key, g in drawn.items()):
+        for key, generator in drawn.items():
+            generator.set_state(saved[key])
+        return
+    for generator in drawn.values():
+        generator.manual_seed(reseed)
+    log(f"--resume: this run was interrupted on {saved_on}, it continues on {device}; its random stream (batch order, "
+        "crops, flips, CRD's negatives) cannot carry over and is reseeded from --seed and the epoch, so the result "
+        "will differ from an uninterrupted run's")
 
 
 # ------------------------------------------------------------------------------------------------------ a run
@@ -364,7 +431,8 @@ class Run:
         self.total = sum(phase.epochs for phase in self.phases)
         self.generator = torch.Generator(device=device)  # draws the batches: equal in every run of one seed
         self.generator.manual_seed(cfg.seed)
-        self.streams = capture_random_streams()
+        self.device = self.generator.device
+        self.streams = capture_random_streams(self.device)
         self.history: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None  # set once the run is finished
         self.phase, self.lr = self.phases[0], cfg.lr
@@ -375,11 +443,11 @@ class Run:
     @contextlib.contextmanager
     def own_random_streams(self) -> Iterator[None]:
         """The global generators hold this run's stream while inside."""
-        restore_random_streams(self.streams)
+        restore_random_streams(self.streams, self.device)
         try:
             yield
         finally:
-            self.streams = capture_random_streams()
+            self.streams = capture_random_streams(self.device)
 
     def open(self, resume: bool, log: Callable[[str], None]) -> None:
         """Take up the run's folder: the one place where a run claims it for writing. A finished run is kept as it
@@ -400,7 +468,7 @@ class Run:
         if not resume_path.exists():
             raise UserError(f"--resume: {self.out_dir} holds summary.json but neither {weights_path.name} nor "
                             f"{RESUME_FILE}: delete summary.json to train the run again")
-        self._restore(resume_path)
+        self._restore(resume_path, log)
         log(f"resuming {self.out_dir} after epoch {self.history[-1]['epoch']}")
 
     def start_epoch(self, epoch: int) -> None:
@@ -443,6 +511,9 @@ class Run:
         }
         if len(test) > 1:
             row["test_acc_by_output"] = {name: acc for name, (_, acc) in test.items()}
+        train_step = self._current[2]
+        if isinstance(train_step, GraphedStep):  # what a caller reads to know that the graphs ran
+            row["cuda_graphs"] = {"steps": num_train_batches(data, self.cfg.batch_size), **train_step.take_counts()}
         row["seconds"] = train_seconds + time.perf_counter() - started
         self.history.append(row)
         _explain_write_errors(self.out_dir / RESUME_FILE, self._save_progress)
@@ -456,6 +527,8 @@ class Run:
 
     def _save_progress(self) -> None:
         index, optimizer, _ = self._current
+        with self.own_random_streams():
+            random_state = save_random_state(run_generators(self.generator))
         save_checkpoint(
             self.out_dir / RESUME_FILE,
             "resume",
@@ -468,12 +541,11 @@ class Run:
             channels_last=self.cfg.channels_last,  # the effective layout, kept on resume (cli.keep_layout)
             provenance=self.stage.provenance(),
             optimizer=optimizer.state_dict(),
-            data_rng=self.generator.get_state(),
-            **self.streams,
+            **random_state,
         )
         atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
 
-    def _restore(self, path: Path) -> None:
+    def _restore(self, path: Path, log: Callable[[str], None]) -> None:
         ckpt = load_checkpoint(path, "resume", "--resume")
         expect_match(ckpt, "--resume", stage=self.stage.kind)
         cfg, args = self.cfg, self.args
@@ -494,8 +566,9 @@ class Run:
                                 f"fingerprint {then['fingerprint']} then, {current} now; retrained in place?); "
                                 "resume with the original file, or start the run afresh in another --out_dir")
         load_weights(self.stage.trainable, ckpt, "--resume")
-        self.generator.set_state(ckpt["data_rng"])
-        self.streams = random_streams_of(ckpt)
+        with self.own_random_streams():
+            restore_random_state(ckpt, run_generators(self.generator),
+                                 self.cfg.seed + RESEED_STRIDE * len(ckpt["history"]), log)
         self.history = ckpt["history"]
         self._optimizer_state = (ckpt["phase_index"], ckpt["optimizer"])
 
@@ -532,6 +605,9 @@ class Run:
         }
         if len(self.phases) > 1:
             summary["phases"] = [{"name": phase.name, "epochs": phase.epochs} for phase in self.phases]
+        graphed = [row["cuda_graphs"] for row in history if "cuda_graphs" in row]
+        if graphed:  # over the epochs run with CUDA graphs
+            summary["cuda_graphs"] = {key: sum(counts[key] for counts in graphed) for key in graphed[0]}
         if len(stage.extras):
             summary["extras"] = EXTRAS_FILE
         atomic_write_json(self.out_dir / "summary.json", summary)

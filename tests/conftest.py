@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,10 +117,10 @@ def serving(folder: Path, handler):
         stop()
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300,
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300, threads: int = 2,
                preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """Run one of the stage scripts in a fresh interpreter, as from the shell (`preexec_fn`: e.g. a resource limit)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn,
@@ -142,6 +143,27 @@ def kill_after_epochs(argv: list[str], out: Path, epochs: int = 1, env: dict[str
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "last.pt").exists() and not (out / "summary.json").exists(), "the run was not interrupted"
+
+
+def metrics_lines(out: Path) -> list[str]:
+    """A run's metrics.jsonl, line by line, as written."""
+    return (out / "metrics.jsonl").read_text().splitlines()
+
+
+def assert_resumed(out: Path, before: list[str], output: str) -> None:
+    """Proof that a resumed run did not train again what was done before it was killed: it says it resumes after
+    epoch N (N at least the rows on disk at the kill), trains epochs N+1 on only, and keeps the rows it found byte
+    for byte, their measured `seconds` included, which a run started over would have measured anew.
+
+    `before` is metrics.jsonl's lines at the kill; `output` what the resumed run printed.
+    """
+    resumed = re.search(rf"^resuming {re.escape(str(out))} after epoch (\d+)$", output, re.M)
+    assert resumed, output
+    done = int(resumed.group(1))
+    assert done >= len(before) >= 1, (done, before)
+    trained = [int(epoch) for epoch in re.findall(r"^epoch +(\d+)/", output, re.M)]
+    assert trained == list(range(done + 1, done + 1 + len(trained))) and trained, output
+    assert metrics_lines(out)[: len(before)] == before
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:

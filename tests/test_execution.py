@@ -18,6 +18,8 @@ from conftest import ROOT, assert_clean_failure, run_script
 from torch import nn
 
 import bench
+import cli
+import engine
 import reproduce
 import test_dih
 import train_heads
@@ -52,6 +54,22 @@ def test_cuda_auto_amp_follows_the_gpu(monkeypatch, bf16):
              for mode in ("off", "on", "graphs", "max")}
     assert {mode: (e.compile, e.cuda_graphs) for mode, e in modes.items()} == {
         "off": (False, False), "on": (True, False), "graphs": (False, True), "max": (True, True)}
+
+
+def test_the_runs_gpu_becomes_the_current_device(monkeypatch):
+    """--gpu_id 1 on a (faked) 2-GPU machine: cuda:1 is made current, so that CUDA graphs' streams and capture and
+    every torch.cuda call without a device act on it; bench.py takes the same path. The CPU sets nothing."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    _, device, _ = cli.parse(cli.common_parser(""), ["--gpu_id", "1"])
+    assert device == torch.device("cuda:1") and current == [device]
+    assert bench.engine_config(bench.parse_args(["--gpu_id", "cuda:1"]))[0] == device and current == [device] * 2
+    cli.parse(cli.common_parser(""), ["--gpu_id", "cpu"])
+    assert current == [device] * 2
 
 
 @pytest.mark.parametrize("mode", ["graphs", "max"])
@@ -124,8 +142,13 @@ def batches(sizes: list[int]) -> list[Batch]:
 
 
 @pytest.mark.parametrize("no_logits", [False, True])
-def test_graphed_step_warms_captures_per_shape_recaptures_on_lr_and_equals_eager(no_logits):
-    """Two epochs of 3 full batches and a partial one, the LR dropping between them, then a third epoch."""
+def test_graphed_step_bookkeeping_warms_captures_per_shape_recaptures_on_lr_and_counts(no_logits):
+    """Two epochs of 3 full batches and a partial one, the LR dropping between them, then a third epoch.
+
+    Bookkeeping only: the fake replay runs the eager step itself, so "graphed equals eager" here is true by
+    construction and is NO evidence that a real CUDA graph computes what the eager step does (tests/test_cuda.py
+    checks that on a GPU). What it does check: which steps warm up, when a shape is (re)captured, that each batch
+    reaches the static inputs and the outputs are copied out of the static ones, and the counts fit records."""
     sizes = [8, 8, 8, 3]
     lrs = [0.1, 0.1, 0.01]
     eager_model, eager_opt, eager = tiny_setup(no_logits)
@@ -146,6 +169,10 @@ def test_graphed_step_warms_captures_per_shape_recaptures_on_lr_and_equals_eager
     # Capture: the full batch in epoch 1; after the LR drop (epoch 3) the full batch again, with the new LR baked
     # in, and the partial one at its third appearance.
     assert fake.captured == [((8, 3, 4, 4), 0.1), ((8, 3, 4, 4), 0.01), ((3, 3, 4, 4), 0.01)]
+    # The counts: every step that is not a warm-up is a replay; reading them starts the next tally.
+    steps = len(lrs) * len(sizes)
+    assert graphed.take_counts() == {"warmups": 2 * WARMUP_STEPS, "captures": 3, "replays": steps - 2 * WARMUP_STEPS}
+    assert graphed.take_counts() == {"warmups": 0, "captures": 0, "replays": 0}
 
 
 def test_graphed_step_outputs_are_copies_of_the_static_ones():
@@ -182,6 +209,25 @@ def test_resume_refuses_a_change_of_precision(tiny_npz, tmp_path):
         train_teacher.main([*common, "--amp", "on", "--resume"])
     train_teacher.main([*common, "--amp", "off", "--resume"])  # the same precision resumes
     assert (tmp_path / "summary.json").exists()
+
+
+def test_out_of_memory_is_one_line(tiny_npz, tmp_path, monkeypatch, capsys):
+    """A stage script's own path, its training step raising torch.OutOfMemoryError as CUDA's allocator does: one
+    line on stderr that says what to do, exit 2, no traceback, no finished run."""
+    def out_of_memory(*args, **kwargs):
+        def step(batch, shared=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step
+
+    monkeypatch.setattr(engine, "make_train_step", out_of_memory)
+    monkeypatch.setattr(sys, "argv", ["train_teacher.py", "--model", "res8", "--dataset", str(tiny_npz), "--epochs",
+                                      "1", "--gpu_id", "cpu", "--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main_guard(train_teacher.main)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["train_teacher.py: error: out of GPU memory; try a smaller --batch_size"]
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "last.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------------ help

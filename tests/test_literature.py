@@ -30,7 +30,8 @@ def flag(argv: list[str], name: str) -> str:
 
 
 def dry_run(capsys, *extra: str) -> list[list[str]]:
-    reproduce.main(["--preset", "repdistiller-cifar100", "--dry_run", *extra])
+    """The preset's commands, one process per student (--no_group) so that each names its own flags."""
+    reproduce.main(["--preset", "repdistiller-cifar100", "--dry_run", "--no_group", *extra])
     return [shlex.split(line, comments=True) for line in capsys.readouterr().out.splitlines()
             if not line.startswith("#")]
 
@@ -62,6 +63,21 @@ def test_the_dry_run_lists_every_run_of_the_seven_pairs(capsys):
     heads = [c for c in commands if c[1].endswith("train_heads.py")]
     assert len(teachers) == len(heads) == 5 * 3 and len(students) == 6 * 3 + 6 * 7 * 3
     assert all(c[c.index("--epochs"):c.index("--epochs") + len(RECIPE)] == RECIPE for c in teachers + heads)
+
+
+def test_grouped_the_preset_runs_each_teachers_students_in_one_process(capsys):
+    """The default: per teacher run, one test_dih.py with every distilling method and each one's own flags."""
+    reproduce.main(["--preset", "repdistiller-cifar100", "--dry_run"])
+    commands = [shlex.split(line, comments=True) for line in capsys.readouterr().out.splitlines()
+                if not line.startswith("#")]
+    groups = [c for c in commands if c[1].endswith("test_dih.py") and "--teacher" in c]
+    assert len(groups) == len(PAIRS) * 3
+    for c in groups:
+        methods = c[c.index("--method") + 1:c.index("--teacher")]
+        assert methods == ["kd", "fitnets", "at", "crd", "dih", "dkd"]
+        teacher, student = flag(c, "--teacher"), flag(c, "--student")
+        assert flag(c, "--dkd.beta") == str(DKD_BETA[(teacher, student)]) and flag(c, "--dih.alpha") == "0.1"
+        assert {flag(c, f"--{m}.out_dir").split("/")[-1].split("-")[2] for m in methods} == set(methods)
 
 
 def test_every_teacher_can_come_from_the_public_checkpoints(capsys, tmp_path):
@@ -127,7 +143,7 @@ def test_the_preset_machinery_runs_through_every_stage_to_the_table_with_the_pub
     assert not outcome.failed and not outcome.skipped
     assert sorted(node.label for node in outcome.launched) == sorted([
         "teacher res56 seed 30 (imported)", "heads res56 seed 30", "ce student res20 seed 30",
-        "dkd student res20 <- res56 seed 30", "dih student res20 <- res56 seed 30"])
+        "dih dkd students res20 <- res56 seed 30"])  # the teacher's students: one group, one process
     runs = tmp_path / "runs" / "tiny"
     teacher = json.loads((runs / "teacher-res56-seed30" / "summary.json").read_text())
     assert teacher["imported_epoch"] == 240 and teacher["imported_accuracy"] == pytest.approx(72.34, abs=1e-4)

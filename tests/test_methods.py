@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, assert_clean_failure, kill_after_epochs, run_script
+from conftest import ROOT, assert_clean_failure, assert_resumed, kill_after_epochs, metrics_lines, run_script
 from torch import nn
 
 import test_dih
@@ -297,6 +297,8 @@ def test_killed_run_resumes_bit_identical(tiny_npz, tiny_teacher, tmp_path, meth
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_script(*common, "--out_dir", str(whole)).returncode == 0
     kill_after_epochs([*common, "--out_dir", str(cut)], cut, kill_after)
+    before = metrics_lines(cut)
     resumed = run_script(*common, "--out_dir", str(cut), "--resume")
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    assert resumed.returncode == 0, resumed.stderr
+    assert_resumed(cut, before, resumed.stdout)
     _same_run(whole, cut)

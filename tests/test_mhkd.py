@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_learnable
+from conftest import assert_resumed, make_learnable, metrics_lines
 
 import engine
 import test_dih
@@ -115,7 +115,7 @@ def stop_after_first_epoch(line: str) -> None:
         raise Interrupted
 
 
-def test_cli_run_resume_and_refusals(tmp_path, monkeypatch):
+def test_cli_run_resume_and_refusals(tmp_path, monkeypatch, capsys):
     """Through test_dih.py on 32 images: the plain student checkpoint, the heads apart, exact resume."""
     npz = tmp_path / "micro.npz"
     save_npz(npz, *make_learnable(32, 20))
@@ -140,7 +140,10 @@ def test_cli_run_resume_and_refusals(tmp_path, monkeypatch):
                                                                                  log=stop_after_first_epoch))
         with pytest.raises(Interrupted):
             student("cut", "--detach")
+    before = metrics_lines(tmp_path / "cut")
+    capsys.readouterr()
     student("cut", "--detach", "--resume")
+    assert_resumed(tmp_path / "cut", before, capsys.readouterr().out)
     for name in ("student.pt", "extras.pt"):
         a, b = (torch.load(tmp_path / run / name, weights_only=True)["state_dict"] for run in ("whole", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_clean_failure, kill_after_epochs, run_script
+from conftest import ROOT, assert_clean_failure, assert_resumed, kill_after_epochs, metrics_lines, run_script
 
 import test_dih
 import train_heads
@@ -107,22 +106,36 @@ def test_students_of_each_method(trained, tiny_npz, tmp_path, method):
     assert torch.load(tmp_path / "student.pt", weights_only=True)["kind"] == "student"
 
 
-def test_default_locations_and_the_seed_example(tiny_npz, tmp_path):
-    """Stages 1 and 2 with defaults, then the seed README's own command, as written, run offline."""
-    shutil.copy(tiny_npz, tmp_path / "tiny.npz")
-    offline = ["--dataset", "tiny.npz", "--gpu_id", "cpu", "--epochs", "1"]
+SEED_EXAMPLE = ("--alpha 0.1 --batch_size 64 --dataset cifar100 --epochs 200 --gpu_id 0 --lr 0.1 "
+                "--schedule [60, 120, 180] --temperature 5 --wd 0.0005")  # the seed README's command, verbatim
+
+
+def test_default_locations_and_the_seed_example(tmp_path):
+    """Stages 1 and 2 with defaults, then the seed README's own command exactly as written, only its data and device
+    swapped for an offline CPU run (`--dataset cifar100` -> four 16x16 images, `--gpu_id 0` -> cpu): all 200
+    epochs, each one partial batch, the LR dropping at 60, 120 and 180."""
+    from data import make_synthetic, save_npz
+
+    x, y, _, _ = make_synthetic(4, 1, seed=0)
+    save_npz(tmp_path / "ten.npz", x[:, ::2, ::2], y, x[:, ::2, ::2], y)
     for script in ("train_teacher.py", "train_heads.py"):
-        result = run_script(script, *offline, cwd=tmp_path)
+        result = run_script(script, "--dataset", "ten.npz", "--gpu_id", "cpu", "--epochs", "1", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-    seed_example = ("--alpha 0.1 --batch_size 64 --dataset cifar100 --epochs 200 --gpu_id 0 --lr 0.1 "
-                    "--schedule [60, 120, 180] --temperature 5 --wd 0.0005").split()
-    result = run_script("test_dih.py", *seed_example, *offline, cwd=tmp_path)
+    swap = {"--dataset": "ten.npz", "--gpu_id": "cpu"}
+    words = SEED_EXAMPLE.split()
+    argv = [swap.get(words[i - 1], word) if i else word for i, word in enumerate(words)]
+    assert [a for a, b in zip(argv, words, strict=True) if a != b] == ["ten.npz", "cpu"]
+    result = run_script("test_dih.py", *argv, cwd=tmp_path, timeout=600, threads=1)  # batches of 4: one is faster
     assert result.returncode == 0, result.stderr
-    runs = tmp_path / "runs" / "tiny"
+    runs = tmp_path / "runs" / "ten"
     assert sorted(p.name for p in runs.iterdir()) == [
         "heads-res110-seed30", "student-res8-dih-res110-a0.1-t5-seed30", "teacher-res110-seed30"]
-    summary = json.loads((runs / "student-res8-dih-res110-a0.1-t5-seed30" / "summary.json").read_text())
+    run = runs / "student-res8-dih-res110-a0.1-t5-seed30"
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "dih" and summary["teacher"] == "res110" and summary["temperature"] == 5
+    assert summary["epochs"] == 200 and summary["config"]["wd"] == 0.0005 and summary["config"]["lr"] == 0.1
+    lrs = [json.loads(line)["lr"] for line in metrics_lines(run)]
+    assert len(lrs) == 200 and lrs[59] == 0.1 and lrs[60] == pytest.approx(0.01) and lrs[-1] == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("script", ["train_teacher.py", "test_dih.py"])
@@ -136,8 +149,10 @@ def test_killed_run_resumes_bit_identical(trained, tiny_npz, tmp_path, script):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_script(*common[:1], *common[1:], "--out_dir", str(whole)).returncode == 0
     kill_after_epochs([*common, "--out_dir", str(cut)], cut)
+    before = metrics_lines(cut)
     resumed = run_script(*common[:1], *common[1:], "--out_dir", str(cut), "--resume")
-    assert resumed.returncode == 0, resumed.stderr and "resuming" in resumed.stdout
+    assert resumed.returncode == 0, resumed.stderr
+    assert_resumed(cut, before, resumed.stdout)
 
     kind = "teacher" if script == "train_teacher.py" else "student"
     a = torch.load(whole / f"{kind}.pt", weights_only=True)["state_dict"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_failure, run_script
+from conftest import assert_clean_failure, assert_resumed, metrics_lines, run_script
 from torch import nn
 
 import engine
@@ -204,7 +204,7 @@ def stop_after_first_epoch(line: str) -> None:
         raise Interrupted
 
 
-def test_resume_is_exact(tofd_teachers, tiny_npz, tmp_path, monkeypatch):
+def test_resume_is_exact(tofd_teachers, tiny_npz, tmp_path, monkeypatch, capsys):
     """Cut after epoch 1 of 3, resumed: bit-identical, the epoch temperature included (it changes each epoch)."""
     flags = ["--teacher_ckpt", str(tofd_teachers["a"]), "--epochs", "3", "--schedule", "2"]
     student(tiny_npz, tmp_path / "whole", *flags)
@@ -214,7 +214,10 @@ def test_resume_is_exact(tofd_teachers, tiny_npz, tmp_path, monkeypatch):
         with pytest.raises(Interrupted):
             student(tiny_npz, tmp_path / "cut", *flags)
     assert not (tmp_path / "cut" / "summary.json").exists()
+    before = metrics_lines(tmp_path / "cut")
+    capsys.readouterr()
     student(tiny_npz, tmp_path / "cut", *flags, "--resume")
+    assert_resumed(tmp_path / "cut", before, capsys.readouterr().out)
     for name in ("student.pt", "extras.pt"):
         a, b = (torch.load(tmp_path / run / name, weights_only=True)["state_dict"] for run in ("whole", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
