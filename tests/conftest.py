@@ -195,3 +195,13 @@ def learnable_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "learnable.npz"
     save_npz(path, *make_learnable(160, 100))
     return path
+
+
+class Interrupted(Exception):
+    """Raised by `stop_after_first_epoch`: a run stopped in-process after its first epoch, as if killed."""
+
+
+def stop_after_first_epoch(line: str) -> None:
+    """A log function for engine.fit that interrupts the run once its first epoch is logged (and saved)."""
+    if line.startswith("epoch"):
+        raise Interrupted

@@ -24,7 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_clean_failure, assert_resumed, kill_after_epochs, metrics_lines, run_script
+from conftest import (
+    ROOT,
+    Interrupted,
+    assert_clean_failure,
+    assert_resumed,
+    kill_after_epochs,
+    metrics_lines,
+    run_script,
+    stop_after_first_epoch,
+)
 from test_fast_path import TOLERANCE, fast, reference, relative_error
 from test_wiring import build_stage
 
@@ -183,7 +192,8 @@ def losses_at_lr_zero(method: str, before_step, graphs: bool, steps: int = 5, **
     stage = build_stage(method, DEVICE, n=53, size=32, channels_last=True, **hyper)
     stage.trainable.train()
     cfg = dataclasses.replace(config(cuda_graphs=graphs), lr=0.0)
-    step = make_train_step(stage.training_step, make_optimizer(trainable_parameters(stage.trainable), cfg), cfg)
+    step = make_train_step(lambda b, shared: stage.training_loss(b),  # the teacher's pass inside the step (graph)
+                           make_optimizer(trainable_parameters(stage.trainable), cfg), cfg)
     batch = next(train_batches(stage.setup.data, BATCH, torch.Generator(device=DEVICE).manual_seed(0), True))
     torch.manual_seed(1)
     losses = []
@@ -253,15 +263,6 @@ def test_random_state_on_the_gpu_carries_to_another_index_and_reseeds_from_the_c
     cpu = save_random_state(run_generators(torch.Generator().manual_seed(5)))
     restore_random_state(cpu, run_generators(torch.Generator(device=DEVICE)), reseed=1, log=notices.append)
     assert len(notices) == 1 and f"interrupted on cpu, it continues on {DEVICE}" in notices[0]
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after_first_epoch(line: str) -> None:
-    if line.startswith("epoch"):
-        raise Interrupted
 
 
 def test_a_cpu_runs_last_pt_resumes_on_the_gpu_with_one_notice(tiny_npz, tmp_path, monkeypatch):
@@ -359,7 +360,7 @@ def test_a_group_trains_what_its_students_alone_train(tiny_npz, tmp_path, mode):
     """KD, CRD and DIH as one group and each alone, eager and replayed from CUDA graphs (the teacher pass and each
     student's step are graphs of their own, CRD's random stream swapped in between replays): the same losses and
     accuracies, within the kernels' run-to-run noise."""
-    common = ["--dataset", str(tiny_npz), "--epochs", "2", "--schedule", "1", "--gpu_id", "0", "--batch_size", "16"]
+    common = ["--dataset", str(tiny_npz), "--epochs", "2", "--schedule", "1", "--gpu_id", GPU_ID, "--batch_size", "16"]
     teacher = tmp_path / "teacher" / "teacher.pt"
     train_teacher.main(["--model", "res8", *common, "--out_dir", str(teacher.parent)])
     train_heads.main(["--teacher", "res8", "--teacher_ckpt", str(teacher), *common, "--out_dir", str(tmp_path / "h")])
@@ -374,6 +375,8 @@ def test_a_group_trains_what_its_students_alone_train(tiny_npz, tmp_path, mode):
                 for kind in ("group", "alone")]
         assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-2)
         assert abs(grouped[method]["final_test_acc"] - alone["final_test_acc"]) <= 2.0, method
+
+
 # ------------------------------------------------------------------ torch.compile (slowest: compiles each)
 
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resumed, make_learnable, metrics_lines
+from conftest import Interrupted, assert_resumed, make_learnable, metrics_lines, stop_after_first_epoch
 
 import engine
 import test_dih
@@ -104,15 +104,6 @@ def test_mhkd_learns_and_the_teacher_backbone_stays_bit_identical(tmp_path):
     by_output = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])["test_acc_by_output"]
     assert set(by_output) == {"model", "student_head_layer1", "student_head_layer2", "teacher_head_layer1",
                               "teacher_head_layer2"}
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after_first_epoch(line: str) -> None:
-    if line.startswith("epoch"):
-        raise Interrupted
 
 
 def test_cli_run_resume_and_refusals(tmp_path, monkeypatch, capsys):

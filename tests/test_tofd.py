@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_failure, assert_resumed, metrics_lines, run_script
+from conftest import (
+    Interrupted,
+    assert_clean_failure,
+    assert_resumed,
+    metrics_lines,
+    run_script,
+    stop_after_first_epoch,
+)
 from torch import nn
 
 import engine
@@ -193,15 +200,6 @@ def test_refusals(tofd_teachers, tiny_npz, tmp_path):
     result = run_script("test_dih.py", "--method", "tofd", "--teacher", "res8", "--teacher_ckpt",
                         str(tofd_teachers["plain"]), "--dataset", str(tiny_npz), "--gpu_id", "cpu")
     assert_clean_failure(result, "holds a plain teacher", "--tofd")
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after_first_epoch(line: str) -> None:
-    if line.startswith("epoch"):
-        raise Interrupted
 
 
 def test_resume_is_exact(tofd_teachers, tiny_npz, tmp_path, monkeypatch, capsys):
