@@ -19,7 +19,6 @@ class count is refused in one line, and nothing is ever matched by position.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
 import re
@@ -42,7 +41,7 @@ from models.resnet_cifar import CifarResNet
 from models.vgg import BenchmarkVGG
 from models.wrn import WideResNet
 from stages import TeacherTraining
-from utils import UserError, atomic_write_json
+from utils import UserError, atomic_write_json, file_sha256
 
 Rule = tuple[str, Callable[[re.Match], str]]
 
@@ -85,14 +84,6 @@ class ForeignCheckpoint:
     sha256: str
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _number(value: Any) -> float | None:
     """A stated epoch or accuracy as a float (RepDistiller stores its accuracy as a tensor); None otherwise."""
     if isinstance(value, Tensor) and value.numel() == 1:
@@ -129,7 +120,7 @@ def read_foreign(path: str | Path) -> ForeignCheckpoint:
         raise UserError(f"--import: {path} holds neither a state dict nor a {{'model': state_dict, ...}} checkpoint")
     if all(key.startswith("module.") for key in state):  # saved from a DataParallel wrapper
         state = {key.removeprefix("module."): value for key, value in state.items()}
-    return ForeignCheckpoint(state, layout, None if epoch is None else int(epoch), accuracy, sha256_of(path))
+    return ForeignCheckpoint(state, layout, None if epoch is None else int(epoch), accuracy, file_sha256(path))
 
 
 def translate(key: str, rules: list[Rule]) -> str | None:

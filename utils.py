@@ -237,6 +237,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (an OSError is the caller's to explain)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A SHA-256 of names, shapes, dtypes and values: identifies one set of weights exactly."""
     digest = hashlib.sha256()

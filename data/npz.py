@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import atomic_open
+from utils import atomic_open, file_sha256
 
 from . import arrays
 from .base import DataError, HostData, one_line
@@ -61,11 +60,8 @@ class NpzSource:
 def npz_name(path: Path) -> str:
     """What runs on the npz at `path` record as their dataset: `npz:<stem>:<sha256 prefix of the file>`, so a
     regenerated file of the same name is another dataset."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        digest = file_sha256(path)
     except OSError as exc:
         raise DataError(f"{path} could not be read ({one_line(exc)})") from exc
-    return f"npz:{path.stem}:{digest.hexdigest()[:12]}"
+    return f"npz:{path.stem}:{digest[:12]}"

@@ -33,22 +33,29 @@ def bn(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
     return {**shapes, f"{prefix}.num_batches_tracked": ()}
 
 
+def basic_blocks(in_planes: int, widths: list[int], blocks: list[int], shortcut: str) -> dict[str, tuple[int, ...]]:
+    """The `layerL.B` basic blocks of a ResNet (stride 2 at each layer's first block but the first layer's), with a
+    1x1 projection named `shortcut` (`.0` conv, `.1` BN) wherever the shape changes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer, (planes, count) in enumerate(zip(widths, blocks, strict=True), 1):
+        for block in range(count):
+            p = f"layer{layer}.{block}"
+            stride = 2 if layer > 1 and block == 0 else 1
+            shapes |= {f"{p}.conv1.weight": (planes, in_planes, 3, 3), **bn(f"{p}.bn1", planes),
+                       f"{p}.conv2.weight": (planes, planes, 3, 3), **bn(f"{p}.bn2", planes)}
+            if stride != 1 or in_planes != planes:
+                shapes |= {f"{p}.{shortcut}.0.weight": (planes, in_planes, 1, 1), **bn(f"{p}.{shortcut}.1", planes)}
+            in_planes = planes
+    return shapes
+
+
 def repdistiller_shapes(name: str, classes: int) -> dict[str, tuple[int, ...]]:
     """Every state-dict entry of RepDistiller's model `name` and its shape, in its own order."""
     shapes: dict[str, tuple[int, ...]] = {}
     if name in RESNETS:
         depth, (stem, *widths) = RESNETS[name]
         shapes |= {"conv1.weight": (stem, 3, 3, 3), **bn("bn1", stem)}
-        in_planes = stem
-        for layer, planes in enumerate(widths, 1):
-            for block in range((depth - 2) // 6):
-                p = f"layer{layer}.{block}"
-                stride = 2 if layer > 1 and block == 0 else 1
-                shapes |= {f"{p}.conv1.weight": (planes, in_planes, 3, 3), **bn(f"{p}.bn1", planes),
-                           f"{p}.conv2.weight": (planes, planes, 3, 3), **bn(f"{p}.bn2", planes)}
-                if stride != 1 or in_planes != planes:
-                    shapes |= {f"{p}.downsample.0.weight": (planes, in_planes, 1, 1), **bn(f"{p}.downsample.1", planes)}
-                in_planes = planes
+        shapes |= basic_blocks(stem, widths, [(depth - 2) // 6] * len(widths), "downsample")
         shapes |= {"fc.weight": (classes, widths[-1]), "fc.bias": (classes,)}
     elif name in WRNS:
         depth, k = WRNS[name]
@@ -144,16 +151,7 @@ def dih_resnet18_shapes(classes: int, blocks: tuple[int, ...] = (2, 2, 2, 2)) ->
     """The DIH authors' ResNet-18/34 (models_repo/massive_resnets.py): `conv1`, `bn1`, `layerL.B` blocks with
     `shortcut.0/1` projections, `linear`."""
     shapes = {"conv1.weight": (64, 3, 3, 3), **bn("bn1", 64)}
-    in_planes = 64
-    for layer, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True), 1):
-        for block in range(count):
-            p = f"layer{layer}.{block}"
-            stride = 2 if layer > 1 and block == 0 else 1
-            shapes |= {f"{p}.conv1.weight": (planes, in_planes, 3, 3), **bn(f"{p}.bn1", planes),
-                       f"{p}.conv2.weight": (planes, planes, 3, 3), **bn(f"{p}.bn2", planes)}
-            if stride != 1 or in_planes != planes:
-                shapes |= {f"{p}.shortcut.0.weight": (planes, in_planes, 1, 1), **bn(f"{p}.shortcut.1", planes)}
-            in_planes = planes
+    shapes |= basic_blocks(64, [64, 128, 256, 512], list(blocks), "shortcut")
     return shapes | {"linear.weight": (classes, 512), "linear.bias": (classes,)}
 
 
