@@ -86,7 +86,10 @@ def test_the_budget_table_adds_up_to_seven_minutes():
     assert [part.rest for part in gpu_check.PARTS] == [False] * (len(gpu_check.PARTS) - 1) + [True]
     smoke = gpu_check.smoke_table(ROOT)
     assert {entry.name for entry in smoke} >= {"teacher", "heads", "ce", "kd", "fitnets", "takd", "at", "crd", "tofd",
-                                               "mhkd", "dih"}
+                                               "mhkd", "dih", "group"}
+    group = next(entry for entry in smoke if entry.name == "group")  # several students in one process, each its folder
+    assert group.group and group.argv[group.argv.index("--method") + 1:][:len(group.group)] == list(group.group)
+    assert group.out_flags(ROOT)[::2] == [f"--{method}.out_dir" for method in group.group]
 
 
 def test_bad_flags_are_one_line(tmp_path):

@@ -154,6 +154,7 @@ SIGNALS = {
     "tofd": ["logits", "pooled", "tap0", "tap1"],  # the main pair's logits and feature, each auxiliary pair
     "mhkd": ["logits", "tap0", "tap1"],  # the teacher's logits, and each teacher head (on taps 1 and 2)
     "dih": ["logits", "tap0", "tap1", "tap2"],  # the final classifier and each head
+    "dkd": ["logits"],  # both its terms read the final logits (warmed up: 1/20 of their weight in epoch 1)
 }
 # Where a term weighs little at the defaults (MHKD's head KD: β·α = 0.05; TOFD's features: β = 0.05) its weight is
 # raised, so that every change stands far above rounding.
@@ -194,6 +195,7 @@ REMOVED = [
     ("at", {"beta": 0.0}, "tap1", {}),
     ("crd", {"beta": 0.0, "nce_k": 16}, "pooled", {}),
     ("mhkd", {"alpha": 0.0}, "tap0", {"extra_heads": "student", "beta": 0.5}),  # its heads' CE stays, the KD goes
+    ("dkd", {"alpha": 0.0, "beta": 0.0}, "logits", {}),  # its CE weight is 1: TCKD and NCKD both go
 ]
 
 
