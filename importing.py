@@ -36,8 +36,11 @@ import cli
 from checkpoint import FORMAT, model_fingerprint, save_checkpoint
 from engine import RESUME_FILE, TrainConfig, evaluate
 from models import TapModel
+from models.mobilenetv2 import STAGES as MOBILENET_STAGES
+from models.mobilenetv2 import MobileNetV2
 from models.resnet import ResNet
 from models.resnet_cifar import CifarResNet
+from models.shufflenet import ShuffleV1, ShuffleV2
 from models.vgg import BenchmarkVGG
 from models.wrn import WideResNet
 from stages import TeacherTraining
@@ -46,11 +49,12 @@ from utils import UserError, atomic_write_json, file_sha256
 Rule = tuple[str, Callable[[re.Match], str]]
 
 # RepDistiller's resnet8..110, resnet8x4, resnet32x4 and the DIH authors' ResNet_Cifar (tiny_resnets.py) share
-# these names (`downsample`, `fc`); the DIH authors' ResNet-18/34 (massive_resnets.py) say `shortcut`, `linear`.
+# these names (`downsample`, `fc`); the DIH authors' ResNet-18/34 (massive_resnets.py) and RepDistiller's ResNet50
+# (resnetv2.py; Bottlenecks: conv3, bn3) say `shortcut`, `linear`.
 RESNET_RULES: list[Rule] = [
     (r"conv1\.(\w+)", lambda m: f"stem.0.{m[1]}"),
     (r"bn1\.(\w+)", lambda m: f"stem.1.{m[1]}"),
-    (r"layer([1-4])\.(\d+)\.(conv[12]|bn[12])\.(\w+)", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
+    (r"layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3])\.(\w+)", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
     (r"layer([1-4])\.(\d+)\.(?:downsample|shortcut)\.([01])\.(\w+)",
      lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.shortcut.{m[3]}.{m[4]}"),
     (r"(?:fc|linear)\.(\w+)", lambda m: f"classifier.{m[1]}"),
@@ -69,8 +73,38 @@ VGG_RULES: list[Rule] = [
     (r"block([1-4])\.(\d+)\.(\w+)", lambda m: f"stages.{int(m[1]) - 1}.{int(m[2]) + 1}.{m[3]}"),
     (r"classifier\.(\w+)", lambda m: f"classifier.{m[1]}"),
 ]
+# RepDistiller's MobileNetV2 (mobilenetv2.py, mobile_half): its groups `blocks.G` sit in our stages by
+# models/mobilenetv2.STAGES (group G is block `i` of stage `s`); its `conv.0-7` keep their indices; `conv2` is our
+# fifth stage.
+MOBILENET_PLACE = {group: (stage, i) for stage, groups in enumerate(MOBILENET_STAGES) for i, group in enumerate(groups)}
+MOBILENET_RULES: list[Rule] = [
+    (r"conv1\.([01])\.(\w+)", lambda m: f"stem.{m[1]}.{m[2]}"),
+    (r"blocks\.([0-6])\.(\d+)\.conv\.([0-7])\.(\w+)",
+     lambda m: "stages.{}.{}.{}.conv.{}.{}".format(*MOBILENET_PLACE[int(m[1])], m[2], m[3], m[4])),
+    (r"conv2\.([01])\.(\w+)", lambda m: f"stages.{len(MOBILENET_STAGES)}.{m[1]}.{m[2]}"),
+    (r"classifier\.0\.(\w+)", lambda m: f"classifier.{m[1]}"),
+]
+# RepDistiller's ShuffleV1 (ShuffleNetv1.py) and ShuffleV2 (ShuffleNetv2.py): `conv1`/`bn1` stems, `layerL.B` blocks
+# (V1: conv1-3; V2: conv1-5 in a stage's down-sampling block, conv1-3 after it), V2's `conv2`/`bn2` (our fourth
+# stage), `linear`.
+SHUFFLE_STEM_RULES: list[Rule] = [
+    (r"conv1\.weight", lambda m: "stem.0.weight"),
+    (r"bn1\.(\w+)", lambda m: f"stem.1.{m[1]}"),
+    (r"linear\.(\w+)", lambda m: f"classifier.{m[1]}"),
+]
+SHUFFLE_V1_RULES: list[Rule] = [
+    *SHUFFLE_STEM_RULES,
+    (r"layer([1-3])\.(\d+)\.(conv[1-3]|bn[1-3])\.(\w+)", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
+]
+SHUFFLE_V2_RULES: list[Rule] = [
+    *SHUFFLE_STEM_RULES,
+    (r"layer([1-3])\.(\d+)\.(conv[1-5]|bn[1-5])\.(\w+)", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
+    (r"conv2\.weight", lambda m: "stages.3.0.weight"),
+    (r"bn2\.(\w+)", lambda m: f"stages.3.1.{m[1]}"),
+]
 RULES: dict[type, list[Rule]] = {CifarResNet: RESNET_RULES, ResNet: RESNET_RULES, WideResNet: WRN_RULES,
-                                 BenchmarkVGG: VGG_RULES}
+                                 BenchmarkVGG: VGG_RULES, MobileNetV2: MOBILENET_RULES, ShuffleV1: SHUFFLE_V1_RULES,
+                                 ShuffleV2: SHUFFLE_V2_RULES}
 
 
 @dataclass(frozen=True)
@@ -141,8 +175,8 @@ def map_state(model: TapModel, name: str, foreign: dict[str, Tensor], num_classe
     """
     rules = RULES.get(type(model))
     if rules is None:
-        raise UserError(f"--import: no key rules for {name}: importable are the CIFAR ResNets, ResNet-18/34, the WRNs "
-                        "and RepDistiller's vgg8/vgg13")
+        raise UserError(f"--import: no key rules for {name}: importable are the CIFAR ResNets, ResNet-18/34/50, the "
+                        "WRNs, RepDistiller's vgg8/vgg13, mobilenetv2, shufflev1 and shufflev2")
     own = model.state_dict()
     mapped: dict[str, Tensor] = {}
     origin: dict[str, str] = {}

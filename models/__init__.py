@@ -2,7 +2,8 @@
 
 RepDistiller's benchmark models under our names: resnet8..resnet110 are res8..res110, resnet8x4 and
 resnet32x4 are res8x4 and res32x4, vgg8 and vgg13 (its vgg8_bn, vgg13_bn) are vgg8 and vgg13, and wrn_16_2,
-wrn_40_1, wrn_40_2 keep their names (`REPDISTILLER_NAMES`). Its vgg11 is not our vgg11 (the DIH authors').
+wrn_40_1, wrn_40_2 keep their names, and its ResNet50, MobileNetV2 (mobile_half), ShuffleV1 and ShuffleV2 are
+res50, mobilenetv2, shufflev1 and shufflev2 (`REPDISTILLER_NAMES`). Its vgg11 is not our vgg11 (the DIH authors').
 """
 
 from collections.abc import Callable
@@ -10,8 +11,10 @@ from functools import partial
 
 from .base import Features, TapModel
 from .fold import count_batchnorms, fold_batchnorm
-from .resnet import ResNet
+from .mobilenetv2 import MobileNetV2
+from .resnet import Bottleneck, ResNet
 from .resnet_cifar import WIDTHS_X4, CifarResNet
+from .shufflenet import ShuffleV1, ShuffleV2
 from .vgg import VGG11, BenchmarkVGG
 from .wrn import WideResNet
 
@@ -30,6 +33,7 @@ _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "res32x4": partial(CifarResNet, 32, widths=WIDTHS_X4),
     "res18": partial(ResNet, (2, 2, 2, 2)),
     "res34": partial(ResNet, (3, 4, 6, 3)),
+    "res50": partial(ResNet, (3, 4, 6, 3), block=Bottleneck),
     "vgg11": VGG11,
     "vgg8": partial(BenchmarkVGG, "vgg8"),
     "vgg13": partial(BenchmarkVGG, "vgg13"),
@@ -37,6 +41,9 @@ _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "wrn_28_2": partial(WideResNet, 28, 2),
     "wrn_40_1": partial(WideResNet, 40, 1),
     "wrn_40_2": partial(WideResNet, 40, 2),
+    "mobilenetv2": MobileNetV2,
+    "shufflev1": ShuffleV1,
+    "shufflev2": ShuffleV2,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
@@ -46,6 +53,7 @@ REPDISTILLER_NAMES: dict[str, str] = {
     **{f"res{depth}": f"resnet{depth}" for depth in (8, 14, 20, 32, 44, 56, 110)},
     "res8x4": "resnet8x4", "res32x4": "resnet32x4", "vgg8": "vgg8", "vgg13": "vgg13",
     "wrn_16_2": "wrn_16_2", "wrn_40_1": "wrn_40_1", "wrn_40_2": "wrn_40_2",
+    "res50": "ResNet50", "mobilenetv2": "MobileNetV2", "shufflev1": "ShuffleV1", "shufflev2": "ShuffleV2",
 }
 
 

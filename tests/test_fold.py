@@ -25,7 +25,10 @@ FAST = ["--gpu_id", "cpu", "--batch_size", "32"]
 # wrn_16_2 keeps 5 of its 6 blocks' first BN and the final BN (the first block's BN reads the stem's conv, whose
 # output nothing else reads: the block's shortcut is a projection of the normalised input). wrn_10_1's first block
 # has an identity shortcut, which reads the stem's output too: that BN must stay (4 left: 3 blocks' first + final).
-FAMILIES = {"res8": 0, "res18": 0, "vgg11": 0, "wrn_16_2": 6, "wrn_10_1": 4}
+# Every BN of RepDistiller's cross-architecture models folds: ResNet-50's Bottlenecks, MobileNetV2's inverted
+# residuals (conv-BN throughout), the ShuffleNets' blocks (their shuffle and split are traced, not opaque).
+FAMILIES = {"res8": 0, "res18": 0, "vgg11": 0, "wrn_16_2": 6, "wrn_10_1": 4, "res50": 0, "mobilenetv2": 0,
+            "shufflev1": 0, "shufflev2": 0}
 
 
 def randomise_batchnorms(module: nn.Module, seed: int = 0) -> None:

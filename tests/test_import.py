@@ -44,7 +44,8 @@ def imported(ours: str, path: Path, classes: int) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize(("ours", "size"), [("res8x4", 32), ("wrn_40_1", 32), ("vgg13", 32), ("vgg8", 64)])
+@pytest.mark.parametrize(("ours", "size"), [("res8x4", 32), ("wrn_40_1", 32), ("vgg13", 32), ("vgg8", 64),
+                                            ("res50", 32), ("mobilenetv2", 32), ("shufflev1", 32), ("shufflev2", 32)])
 def test_repdistiller_checkpoints_load_weight_for_weight(tmp_path, ours, size):
     """Our model with the imported weights computes what RepDistiller's forward pass computes from the file's keys
     (a tensor in the wrong place, even one of the right shape, would change the logits)."""

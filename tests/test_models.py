@@ -25,6 +25,7 @@ PARAMS = {
     "res32x4": (7_410_730, 7_433_860),
     "res18": (11_173_962, 11_220_132),
     "res34": (21_282_122, 21_328_292),
+    "res50": (23_520_842, 23_705_252),
     "vgg11": (9_228_362, 9_274_532),
     "vgg8": (3_918_858, 3_965_028),
     "vgg13": (9_416_010, 9_462_180),
@@ -32,6 +33,11 @@ PARAMS = {
     "wrn_28_2": (1_467_610, 1_479_220),
     "wrn_40_1": (563_930, 569_780),
     "wrn_40_2": (2_243_546, 2_255_156),
+    # With res50 above: RepDistiller's ResNet50, MobileNetV2 (mobile_half), ShuffleV1 and ShuffleV2, the models of
+    # its cross-architecture table; again the counts its definitions give (its README and code state none).
+    "mobilenetv2": (697_546, 812_836),
+    "shufflev1": (862_768, 949_258),
+    "shufflev2": (1_263_278, 1_355_528),
 }
 
 CIFAR_RESNET_TAPS = {"layer1": (16, 32, 32), "layer2": (32, 16, 16), "layer3": (64, 8, 8)}
@@ -45,15 +51,21 @@ TAPS = {
         ["res18", "res34"],
         {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8), "layer4": (512, 4, 4)},
     ),
+    "res50": {"layer1": (256, 32, 32), "layer2": (512, 16, 16), "layer3": (1024, 8, 8), "layer4": (2048, 4, 4)},
     "vgg11": {"pool1": (64, 16, 16), "pool2": (128, 8, 8), "pool3": (256, 4, 4), "pool4": (512, 2, 2)},
     **dict.fromkeys(["vgg8", "vgg13"], BENCHMARK_VGG_TAPS),
     "wrn_16_2": WRN_2_TAPS,
     "wrn_28_2": WRN_2_TAPS,
     "wrn_40_1": {"group1": (16, 32, 32), "group2": (32, 16, 16), "group3": (64, 8, 8)},
     "wrn_40_2": WRN_2_TAPS,
+    # RepDistiller's feat[1:-1] of each: MobileNetV2's groups 2, 3, 5, 7 (its stride-2 stem halves the map first);
+    # the ShuffleNets' three stages.
+    "mobilenetv2": {"group2": (12, 16, 16), "group3": (16, 8, 8), "group5": (48, 4, 4), "group7": (160, 2, 2)},
+    "shufflev1": {"layer1": (240, 16, 16), "layer2": (480, 8, 8), "layer3": (960, 4, 4)},
+    "shufflev2": {"layer1": (116, 16, 16), "layer2": (232, 8, 8), "layer3": (464, 4, 4)},
 }
 
-ONE_PER_FAMILY = ["res8", "res18", "vgg11", "vgg8", "wrn_16_2"]
+ONE_PER_FAMILY = ["res8", "res18", "vgg11", "vgg8", "wrn_16_2", "mobilenetv2", "shufflev1", "shufflev2"]
 
 
 def num_params(model: torch.nn.Module) -> int:
