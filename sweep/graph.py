@@ -76,11 +76,11 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
     methods = [REGISTRY[m] for m in sweep.methods]
 
     def add(label: str, script: str, out_dir: Path, epochs: int | None, seed: int, flags: list[str],
-            deps: list[Path], expect: dict[str, Any]) -> None:
+            deps: list[Path], expect: dict[str, Any], lr: float | None = None) -> None:
         """A run of `script`; `epochs=None`: an import, which takes no training flags and records no recipe."""
-        common = stage_flags(sweep, epochs, seed) if epochs else data_flags(sweep, seed)
+        common = stage_flags(sweep, epochs, seed, lr) if epochs else data_flags(sweep, seed)
         argv = [sys.executable, str(ROOT / script), *flags, *common, "--out_dir", str(out_dir), "--resume"]
-        expect = {**expect, **(hyper_parameters(sweep, epochs, seed) if epochs else {"seed": seed})}
+        expect = {**expect, **(hyper_parameters(sweep, epochs, seed, lr) if epochs else {"seed": seed})}
         nodes.setdefault(out_dir, Node(label, out_dir, argv, deps, {out_dir: expect}))
 
     def add_student(student: str, method: str, teacher: str, seed: int, extra: list[str], deps: list[Path],
@@ -90,7 +90,7 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
         out_dir = sweep.student_dir(student, method, teacher, seed)
         add(f"{name} seed {seed}", "test_dih.py", out_dir, sweep.epochs, seed,
             ["--student", student, "--method", method, *extra, *hyper_flags(hyper)], deps,
-            {"stage": "student", "model": student, "method": method, **hyper, **expect})
+            {"stage": "student", "model": student, "method": method, **hyper, **expect}, sweep.lr_of(student))
         return out_dir
 
     variants = ["plain"] + (["tofd"] if any(m.teacher == "tofd" for m in methods) else [])
@@ -172,7 +172,7 @@ def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], membe
             "--teacher", teacher, "--teacher_ckpt", str(sweep.teacher_dir(teacher, seed) / "teacher.pt"),
             *(["--heads_ckpt", str(heads)] if heads else []),
             *(flag for member in own for flag in hyper_flags(member.hyper, f"{member.method}.")),
-            *stage_flags(sweep, sweep.epochs, seed),
+            *stage_flags(sweep, sweep.epochs, seed, sweep.lr_of(student)),
             *(flag for node, member in zip(nodes, own, strict=True) for flag in (f"--{member.method}.out_dir",
                                                                                    str(node.out_dir))),
             "--resume"]
@@ -200,19 +200,21 @@ def data_flags(sweep: Sweep, seed: int) -> list[str]:
             *(["--data_url", sweep.data_url] if sweep.data_url else [])]
 
 
-def stage_flags(sweep: Sweep, epochs: int, seed: int) -> list[str]:
-    """The flags every stage script takes, spelled out so that each command stands on its own."""
+def stage_flags(sweep: Sweep, epochs: int, seed: int, lr: float | None = None) -> list[str]:
+    """The flags every stage script takes, spelled out so that each command stands on its own (`lr`: a student's own,
+    in the place of the sweep's)."""
     return [
         *data_flags(sweep, seed), "--epochs", str(epochs),
-        "--batch_size", str(sweep.batch_size), "--lr", str(sweep.lr), "--momentum", str(sweep.momentum),
+        "--batch_size", str(sweep.batch_size), "--lr", str(sweep.lr if lr is None else lr),
+        "--momentum", str(sweep.momentum),
         "--wd", str(sweep.wd), "--nesterov" if sweep.nesterov else "--no-nesterov",
         "--schedule", *schedule_tokens(sweep.schedule), "--gamma", str(sweep.gamma),
     ]
 
 
-def hyper_parameters(sweep: Sweep, epochs: int, seed: int) -> dict[str, Any]:
+def hyper_parameters(sweep: Sweep, epochs: int, seed: int, lr: float | None = None) -> dict[str, Any]:
     """The engine's settings as summary.json records them (its `config`), to recognise a finished run."""
-    return {"seed": seed, "epochs": epochs, "batch_size": sweep.batch_size, "lr": sweep.lr,
+    return {"seed": seed, "epochs": epochs, "batch_size": sweep.batch_size, "lr": sweep.lr if lr is None else lr,
             "momentum": sweep.momentum, "wd": sweep.wd, "nesterov": sweep.nesterov, "schedule": sweep.schedule,
             "gamma": sweep.gamma}
 

@@ -66,11 +66,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "published": Path(__file__).resolve().parent / "published" / "repdistiller_cifar100.csv",
     },
 }
+# RepDistiller's CIFAR-100 benchmark, its README's table 2: the six pairs of different architectures, under the same
+# recipe but for its rule that MobileNetV2, ShuffleV1 and ShuffleV2 students train at lr 0.01 (its train_student.py:
+# `if opt.model_s in ['mobile_half', 'mobile_full', 'ShuffleV1', 'ShuffleV2']: opt.learning_rate = 0.01`; every
+# mdistiller config of these pairs says LR 0.01 too), applied here to every student run of those models, CE's
+# included. DKD: mdistiller's configs/cifar100/dkd/*.yaml, β 8 (its default) except vgg13_mv2.yaml's 6.
+# ⚑ res50 -> vgg8 has no DKD config: β 8, the default, which its one other ResNet50 pair (res50_mv2.yaml) uses.
+# The published numbers: sweep/published/repdistiller_cifar100_cross.csv.
+PRESETS["repdistiller-cifar100-cross"] = {
+    **PRESETS["repdistiller-cifar100"],
+    "pairs": [("vgg13", "mobilenetv2"), ("res50", "mobilenetv2"), ("res50", "vgg8"), ("res32x4", "shufflev1"),
+              ("res32x4", "shufflev2"), ("wrn_40_2", "shufflev1")],
+    "student_lr": {"mobilenetv2": 0.01, "shufflev1": 0.01, "shufflev2": 0.01},
+    "pair_hyper": {"vgg13:mobilenetv2": {"dkd": {"beta": 6.0}}},
+    "published": Path(__file__).resolve().parent / "published" / "repdistiller_cifar100_cross.csv",
+}
 # Without a preset: the paper's settings on CIFAR-100, for the teachers named by --teachers.
 DEFAULTS: dict[str, Any] = {
     **PAPER, "dataset": "cifar100", "data_dir": "./data", "data_url": None, "teachers": [], "teacher_epochs": None,
     "heads_epochs": None, "alpha": None, "temperature": None, "hint_epochs": None, "pairs": None,
-    "method_hyper": {}, "pair_hyper": {}, "import_teachers": None, "published": None,
+    "method_hyper": {}, "pair_hyper": {}, "student_lr": {}, "import_teachers": None, "published": None,
 }
 # RepDistiller's (and mdistiller's) layout of its public teachers, e.g. save/models/resnet56_vanilla/ckpt_epoch_240.pth.
 IMPORT_LAYOUT = "{name}_vanilla/ckpt_epoch_240.pth"
@@ -102,6 +117,7 @@ class Sweep:
     hint_epochs: int | None
     method_hyper: dict[str, dict[str, Any]]  # a preset's hyper-parameters per method, over the method's defaults
     pair_hyper: dict[str, dict[str, dict[str, Any]]]  # "teacher:student" -> method -> hyper-parameters, over those
+    student_lr: dict[str, float]  # a preset's lr for every student run of a model, in the place of `lr`
     import_teachers: Path | None  # teachers imported from this folder (IMPORT_LAYOUT) instead of trained
     published: Path | None  # published accuracies to show beside ours (sweep/published.py)
     runs_dir: Path
@@ -123,6 +139,11 @@ class Sweep:
         if self.import_teachers is None:
             return None
         return (self.import_teachers / IMPORT_LAYOUT.format(name=REPDISTILLER_NAMES[teacher])).resolve()
+
+    def lr_of(self, student: str) -> float:
+        """The lr of a student run of model `student`: the preset's for that model (RepDistiller's 0.01 for its
+        small students), else `lr`."""
+        return self.student_lr.get(student, self.lr)
 
     def run_dir(self, name: str, seed: int) -> Path:
         """The stage scripts' own default folder for a run (`cli.default_dir`), under --runs_dir."""

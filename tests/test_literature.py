@@ -165,3 +165,97 @@ def test_the_preset_machinery_runs_through_every_stage_to_the_table_with_the_pub
         assert f"| res56 → res20 | {name} | {published:.2f} |" in table
         assert f"{ours - published:+.2f} |" in table
     assert "HobbitLong/RepDistiller README.md" in lines["ce"]["source"] and "mdistiller" in lines["dkd"]["source"]
+
+
+# ------------------------------------------------------------------ RepDistiller's table 2: across architectures
+
+CROSS_PAIRS = [("vgg13", "mobilenetv2"), ("res50", "mobilenetv2"), ("res50", "vgg8"), ("res32x4", "shufflev1"),
+               ("res32x4", "shufflev2"), ("wrn_40_2", "shufflev1")]
+# mdistiller's configs/cifar100/dkd: vgg13_mv2.yaml says 6, the others nothing (its default 8); res50 -> vgg8 has no
+# config (⚑ 8).
+CROSS_DKD_BETA = {pair: 6.0 if pair == ("vgg13", "mobilenetv2") else 8.0 for pair in CROSS_PAIRS}
+SMALL_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")  # RepDistiller's train_student.py: lr 0.01
+
+
+def test_the_cross_dry_run_lists_the_six_pairs_with_lr_001_for_the_small_students(capsys):
+    reproduce.main(["--preset", "repdistiller-cifar100-cross", "--dry_run", "--no_group"])
+    commands = [shlex.split(line, comments=True) for line in capsys.readouterr().out.splitlines()
+                if not line.startswith("#")]
+    students = [c for c in commands if c[1].endswith("test_dih.py")]
+    pairs = set()
+    for c in students:
+        method, student = flag(c, "--method"), flag(c, "--student")
+        lr = "0.01" if student in SMALL_STUDENTS else "0.05"
+        assert c[c.index("--epochs"):c.index("--epochs") + len(RECIPE)] == [*RECIPE[:5], lr, *RECIPE[6:]]
+        if method != "ce":
+            pairs.add((flag(c, "--teacher"), student))
+        if method == "dkd":
+            assert flag(c, "--beta") == str(CROSS_DKD_BETA[(flag(c, "--teacher"), student)])
+    assert pairs == set(CROSS_PAIRS) and len(students) == 4 * 3 + 6 * 6 * 3  # CE once per student model and seed
+    teachers_and_heads = [c for c in commands if not c[1].endswith("test_dih.py")]
+    assert len(teachers_and_heads) == 2 * 4 * 3 and all(flag(c, "--lr") == "0.05" for c in teachers_and_heads)
+
+    reproduce.main(["--preset", "repdistiller-cifar100-cross", "--dry_run", "--pairs", "res50:mobilenetv2"])
+    commands = [shlex.split(line, comments=True) for line in capsys.readouterr().out.splitlines()
+                if not line.startswith("#")]
+    groups = [c for c in commands if c[1].endswith("test_dih.py") and "--teacher" in c]
+    assert len(groups) == 3 and all(flag(c, "--lr") == "0.01" and flag(c, "--teacher") == "res50" for c in groups)
+
+
+def test_the_cross_sweep_survives_the_round_trip_through_its_flags():
+    parse = reproduce.build_parser().parse_args
+    sweep = make_sweep(parse(["--preset", "repdistiller-cifar100-cross", "--pairs", "res50:vgg8", "vgg13:mobilenetv2"]))
+    assert (sweep.lr_of("vgg8"), sweep.lr_of("mobilenetv2")) == (0.05, 0.01)
+    assert sweep.hyper("dkd", "vgg13", "mobilenetv2")["beta"] == 6.0
+    assert sweep.hyper("dkd", "res50", "vgg8")["beta"] == 8.0
+    assert make_sweep(parse(grid_flags(sweep))) == sweep
+
+
+def test_each_cross_published_number_names_its_source():
+    entries = read_published(PRESETS["repdistiller-cifar100-cross"]["published"])
+    assert {(e.teacher, e.student) for e in entries} == set(CROSS_PAIRS) and len(entries) == 6 * 7
+    number = {(e.teacher, e.student, e.method): e.accuracy for e in entries}
+    methods = ("teacher", "ce", "kd", "fitnets", "at", "crd")
+    assert [number[("vgg13", "mobilenetv2", m)] for m in methods] == [74.64, 64.60, 67.37, 64.14, 59.40, 69.73]
+    assert [number[("res32x4", "shufflev2", m)] for m in methods] == [79.42, 71.82, 74.45, 73.54, 72.73, 75.65]
+    assert {pair: number[(*pair, "dkd")] for pair in CROSS_PAIRS} == {
+        ("res32x4", "shufflev1"): 76.45, ("wrn_40_2", "shufflev1"): 76.70, ("vgg13", "mobilenetv2"): 69.71,
+        ("res50", "mobilenetv2"): 70.35, ("res32x4", "shufflev2"): 77.07, ("res50", "vgg8"): None}
+    assert all(e.measure == ("best-mean" if e.method == "dkd" else "final") and e.source for e in entries)
+    mislabelled = next(e for e in entries if (e.teacher, e.student, e.method) == ("res32x4", "shufflev2", "dkd"))
+    assert "headed 'ResNet32x4 <br> MobileNet-V2', a mislabel" in mislabelled.source
+    assert "res32x4_shuv2.yaml" in mislabelled.source and "74.45" in mislabelled.source
+
+
+def test_a_cross_pair_runs_through_every_stage_to_the_table_with_the_published_column(tmp_path):
+    """res50 -> mobilenetv2 on 32 images of 16 pixels for two epochs: the ResNet50 teacher imported from a RepDistiller
+    checkpoint built here, its heads, CE, DKD and DIH students at lr 0.01, and the table with the published numbers."""
+    x_train, y_train, x_test, y_test = make_synthetic(32, 16, seed=0)
+    save_npz(tmp_path / "tiny.npz", x_train[:, ::2, ::2], y_train, x_test[:, ::2, ::2], y_test)
+    public = tmp_path / "save" / "models"
+    (public / "ResNet50_vanilla").mkdir(parents=True)
+    repdistiller_checkpoint(public / "ResNet50_vanilla" / "ckpt_epoch_240.pth", "ResNet50", 10)
+    argv = ["--preset", "repdistiller-cifar100-cross", "--pairs", "res50:mobilenetv2", "--dataset",
+            str(tmp_path / "tiny.npz"), "--seeds", "30", "--epochs", "2", "--methods", "ce", "dkd", "dih",
+            "--import_teachers", str(public), "--runs_dir", str(tmp_path / "runs"), "--results_dir",
+            str(tmp_path / "results"), "--jobs", "2"]
+    outcome = reproduce.main(argv)
+    assert not outcome.failed and not outcome.skipped
+    runs = tmp_path / "runs" / "tiny"
+    teacher = json.loads((runs / "teacher-res50-seed30" / "summary.json").read_text())
+    assert teacher["imported_epoch"] == 240 and teacher["model"] == "res50"
+    ce = json.loads((runs / "student-mobilenetv2-ce-seed30" / "summary.json").read_text())
+    dkd = json.loads((runs / "student-mobilenetv2-dkd-res50-a1-t4-b8-seed30" / "summary.json").read_text())
+    heads = json.loads((runs / "heads-res50-seed30" / "summary.json").read_text())
+    assert ce["config"]["lr"] == dkd["config"]["lr"] == 0.01 and heads["config"]["lr"] == 0.05
+
+    out = tmp_path / "results" / "repdistiller-cifar100-cross"
+    table = (out / "results.md").read_text()
+    lines = {row["method"]: row for row in csv.DictReader((out / "literature.csv").open())}
+    assert set(lines) == {"teacher", "ce", "dkd"}
+    for method, name, published, ours in (
+            ("teacher", "teacher", 79.34, teacher["final_test_acc"]), ("ce", "CE", 64.60, ce["final_test_acc"]),
+            ("dkd", "DKD", 70.35, dkd["best_test_acc"])):
+        assert float(lines[method]["published"]) == published
+        assert float(lines[method]["ours - published"]) == pytest.approx(ours - published)
+        assert f"| res50 → mobilenetv2 | {name} | {published:.2f} |" in table

@@ -16,12 +16,15 @@ from torch import nn
 import test_dih
 import train_heads
 import train_teacher
-from methods import METHODS
+from data import from_arrays, train_batches
+from heads import heads_for
+from methods import METHODS, Setup
 from methods.at import at_loss, attention_map
 from methods.crd import ContrastMemory, NegativeSampler, contrast_loss
 from methods.fitnets import Regressor, regressor_for
 from methods.takd import default_assistant
 from models import build_model
+from sweep.grid import PRESETS
 from utils import UserError
 
 TABLE1_TEACHERS = ["res14", "res20", "res32", "res56", "res110", "res18", "res34", "vgg11", "wrn_28_2"]
@@ -302,3 +305,62 @@ def test_killed_run_resumes_bit_identical(tiny_npz, tiny_teacher, tmp_path, meth
     assert resumed.returncode == 0, resumed.stderr
     assert_resumed(cut, before, resumed.stdout)
     _same_run(whole, cut)
+
+
+# ------------------------------------------------------------------------- across architectures
+
+CROSS_PRESET = PRESETS["repdistiller-cifar100-cross"]
+
+
+def step_every_phase(method: str, teacher: nn.Module, student_name: str, heads: nn.Module, image_size: int = 16,
+                     classes: int = 10) -> tuple[list[str], list[str]]:
+    """One SGD step of each of `method`'s phases on a fresh `student_name` taught by `teacher`, on a batch of 4 random
+    images: (every phase's name, the names of those whose step moved the student's weights). Losses must be finite."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, image_size, image_size, 3), generator=gen, dtype=torch.uint8).numpy()
+    y = (torch.arange(8) % classes).numpy()
+    dataset = from_arrays(x, y, x[:4], y[:4], torch.device("cpu"))
+    spec = METHODS[method]
+    torch.manual_seed(0)
+    student = build_model(student_name, classes)
+    setup = Setup(student, None if spec.teacher == "none" else teacher, dict(spec.defaults), dataset, meta={},
+                  heads=heads if spec.heads else None, batch_size=4)
+    stage = spec.build(setup)
+    phases, moved = stage.phases(1), []
+    for phase in phases:
+        stage.trainable.train()
+        stage.start_epoch(1)
+        batch = next(train_batches(dataset, 4, torch.Generator().manual_seed(1)))
+        shared = stage.shared_pass.select(stage.shared_pass(batch, phase.needs), phase.needs) if phase.needs else None
+        before = [p.detach().clone() for p in student.parameters()]
+        loss = phase.loss(batch, shared)[0]
+        assert torch.isfinite(loss), (method, phase.name)
+        stage.trainable.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.optim.SGD(phase.parameters, lr=0.01).step()
+        if any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True)):
+            moved.append(phase.name)
+    return [phase.name for phase in phases], moved
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name"), CROSS_PRESET["pairs"])
+def test_every_preset_method_takes_a_step_on_every_cross_architecture_pair(teacher_name, student_name):
+    """RepDistiller's table 2 pairs: FitNets' regressor between taps of other widths and sizes, AT between maps of
+    other sizes, CRD's embeddings of other widths, KD, DKD, and DIH with the teacher's heads; each phase of every
+    method of the preset steps the student (FitNets' hint phase: its stem and first stage)."""
+    torch.manual_seed(0)
+    teacher = build_model(teacher_name, 10).eval().requires_grad_(False)
+    heads = heads_for(teacher, 10, 16).eval().requires_grad_(False)
+    for method in CROSS_PRESET["methods"]:
+        phases, moved = step_every_phase(method, teacher, student_name, heads)
+        assert moved == phases, method
+
+
+def test_a_pair_no_regressor_can_bridge_is_refused_in_one_line():
+    """At 17 pixels MobileNetV2's stride-2 stem leaves a 9x9 first tap against ResNet-50's 17x17: neither half nor
+    at least as large, so FitNets refuses the pair (one UserError line); the other methods bridge it."""
+    teacher = build_model("res50", 10).eval().requires_grad_(False)
+    with pytest.raises(UserError, match=r"^FitNets: no regressor maps a 12x9x9 student tap onto a 256x17x17 teacher "
+                                        r"tap \(the student's map must not be smaller, or half\)$"):
+        step_every_phase("fitnets", teacher, "mobilenetv2", None, image_size=17)
+    assert step_every_phase("at", teacher, "mobilenetv2", None, image_size=17) == (["train"], ["train"])
