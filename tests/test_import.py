@@ -93,6 +93,13 @@ def test_another_architecture_or_class_count_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"does not hold a wrn_40_2: 1 of its tensors are missing \(first: "
                                         r"stages\.0\.0\.shortcut\.weight\)"):
         map_state(build_model("wrn_40_2", 100), "wrn_40_2", read_foreign(tmp_path / "wrn.pth").state, 100, "wrn.pth")
+    repdistiller_checkpoint(tmp_path / "shuv1.pth", "ShuffleV1", 100)
+    repdistiller_checkpoint(tmp_path / "mv2.pth", "MobileNetV2", 100)
+    with pytest.raises(UserError, match=r"does not hold a shufflev2: \d+ of its tensors are missing \(first: "
+                                        r"stages\.0\.0\.conv4\.weight\)"):
+        map_state(build_model("shufflev2", 100), "shufflev2", read_foreign(tmp_path / "shuv1.pth").state, 100, "x")
+    with pytest.raises(UserError, match=r"does not hold a shufflev1: its tensor conv1\.0\.weight has no place"):
+        map_state(build_model("shufflev1", 100), "shufflev1", read_foreign(tmp_path / "mv2.pth").state, 100, "x")
     with pytest.raises(UserError, match="no key rules for vgg11"):
         map_state(build_model("vgg11", 100), "vgg11", res56, 100, "res56.pth")
 
