@@ -13,8 +13,9 @@ a BN folds only where its input is a convolution's output that nothing else read
   not a convolution, and so does the final BN before the pooling (the very first block's BN reads the stem's
   convolution and folds where the block's shortcut is a projection, i.e. reads the normalised input);
   the BN after each block's first convolution folds.
-- Every BN of the CIFAR ResNets, ResNet-18/34 (projection shortcuts, 1x1 conv + BN, included), VGG
-  (conv-BN-ReLU) and TOFD's SepConv blocks folds.
+- Every BN of the CIFAR ResNets, ResNet-18/34/50 (projection shortcuts, 1x1 conv + BN, included), VGG
+  (conv-BN-ReLU), MobileNetV2 (inverted residuals: conv-BN throughout), the ShuffleNets (their channel shuffle and
+  split written so that fx traces them) and TOFD's SepConv blocks folds.
 """
 
 from __future__ import annotations
