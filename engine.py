@@ -450,9 +450,9 @@ class Run:
             self.streams = capture_random_streams(self.device)
 
     def open(self, resume: bool, log: Callable[[str], None]) -> None:
-        """Take up the run's folder: the one place where a run claims it for writing. A finished run is kept as it
-        is, an interrupted one continues from its last completed epoch, and a folder holding a run is refused
-        without `resume`."""
+        """Read what the run's folder holds: a finished run is kept as it is, an interrupted one continues from its
+        last completed epoch, and a folder holding a run is refused without `resume`. (The folder's one writer is
+        claimed before this, and before any data is loaded, by the stage script's `runlock.run_folder`.)"""
         summary_path, resume_path = self.out_dir / "summary.json", self.out_dir / RESUME_FILE
         weights_path = self.out_dir / f"{self.stage.kind}.pt"
         if not (summary_path.exists() or resume_path.exists()):
@@ -538,7 +538,7 @@ class Run:
             history=self.history,
             phase_index=index,
             amp=self.cfg.amp,  # the effective precision: --amp auto may pick another one on another machine
-            channels_last=self.cfg.channels_last,  # the effective layout, kept on resume (cli.keep_layout)
+            channels_last=self.cfg.channels_last,  # the effective layout, kept on resume (assembly.keep_layout)
             provenance=self.stage.provenance(),
             optimizer=optimizer.state_dict(),
             **random_state,
@@ -556,7 +556,8 @@ class Run:
                             f"{'on' if ckpt['amp'] else 'off'}")
         if ckpt.get("channels_last", cfg.channels_last) != cfg.channels_last:
             raise UserError(f"--resume: this run trained with channels_last={ckpt['channels_last']}, but this config "
-                            f"has {cfg.channels_last}; resume in the layout it started with (cli.keep_layout gives it)")
+                            f"has {cfg.channels_last}; resume in the layout it started with (assembly.keep_layout "
+                            "gives it)")
         _check_arguments(ckpt["args"], args)
         now = self.stage.provenance()
         for role, then in ckpt.get("provenance", {}).items():  # (checkpoints before this check did not record it)

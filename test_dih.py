@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import assembly
 import cli
 from engine import Run, TrainConfig, fit_group
 from methods import HYPERS, METHODS, Method, Setup, TeacherPass, run_name
@@ -181,9 +182,9 @@ def read_inputs(run: argparse.Namespace) -> Student:
     hyper = {name: getattr(run, name) for name in method.defaults}
     teacher_ckpt = heads_ckpt = assistant = None
     if method.teacher != "none":
-        teacher_ckpt = cli.read_teacher(run, run.teacher, None if method.teacher == "plain" else method.teacher)
+        teacher_ckpt = assembly.read_teacher(run, run.teacher, None if method.teacher == "plain" else method.teacher)
     if method.heads:
-        heads_ckpt = cli.read_heads(run)
+        heads_ckpt = assembly.read_heads(run)
     if method.assistant:
         from methods.takd import read_assistant
 
@@ -219,8 +220,9 @@ def teacher_pass(group: list[Student], data, device: torch.device, cfg) -> Teach
     if first.teaching is None:
         return None
     name = first.args.ta if first.assistant else first.args.teacher
-    teacher, identity = cli.build_teacher(first.teaching, name, data, device, cfg)
-    heads = next((cli.build_heads(s.heads_ckpt, identity, device) for s in group if s.heads_ckpt is not None), None)
+    teacher, identity = assembly.build_teacher(first.teaching, name, data, device, cfg)
+    heads = next((assembly.build_heads(s.heads_ckpt, identity, device) for s in group if s.heads_ckpt is not None),
+                 None)
     return TeacherPass(teacher, heads)
 
 
@@ -237,7 +239,7 @@ def build_run(student: Student, shared: TeacherPass | None, data, device: torch.
         if student.heads_ckpt is not None:
             meta["heads_fingerprint"] = student.heads_ckpt["fingerprint"]
     torch.manual_seed(run.seed)
-    model = cli.build(run.student, data.num_classes, device, cfg.channels_last, data.image_size)
+    model = assembly.build(run.student, data.num_classes, device, cfg.channels_last, data.image_size)
     setup = Setup(student=model, teacher=shared.teacher if shared else None, hyper=student.hyper, data=data, meta=meta,
                   heads=shared.heads if shared else None, teacher_ckpt=student.teacher_ckpt, teacher_pass=shared,
                   provenance=student.provenance, batch_size=cfg.batch_size)
@@ -249,9 +251,9 @@ def build_run(student: Student, shared: TeacherPass | None, data, device: torch.
 
 
 def group_layout(cfg: TrainConfig, students: list[Student], resume: bool) -> TrainConfig:
-    """`cfg` with the memory layout the students' runs started with, on --resume (cli.keep_layout); students
+    """`cfg` with the memory layout the students' runs started with, on --resume (assembly.keep_layout); students
     started in different layouts cannot train side by side."""
-    layouts = {student.out_dir: cli.keep_layout(cfg, student.out_dir, resume) for student in students}
+    layouts = {student.out_dir: assembly.keep_layout(cfg, student.out_dir, resume) for student in students}
     if len({c.channels_last for c in layouts.values()}) > 1:
         apart = ", ".join(f"{folder} channels_last={c.channels_last}" for folder, c in layouts.items())
         raise UserError(f"--resume: these runs started in different memory layouts ({apart}); resume each with "

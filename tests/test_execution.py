@@ -26,7 +26,8 @@ import train_heads
 import train_teacher
 from data import Batch
 from engine import WARMUP_STEPS, GraphedStep, TrainConfig, make_optimizer, make_train_step
-from utils import UserError, choose_execution, cpu_flags, native_bf16
+from execution import choose_execution, cpu_flags, native_bf16
+from utils import UserError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
 
