@@ -55,8 +55,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import cli
+from cuda_graphs import WARMUP_STEPS
 from data import CIFAR_SOURCES, Batch, DeviceDataset, from_arrays, test_batches, train_batches
-from engine import WARMUP_STEPS, GroupStep, Run, Stage, TrainConfig, make_shared_step
+from engine import GroupStep, Run, Stage, TrainConfig, make_shared_step
 from execution import COMPILE_MODES
 from heads import IntermediateHeads, heads_for, tofd_aux_for
 from methods import METHODS, Setup, TeacherOutputs, TeacherPass

@@ -43,21 +43,13 @@ import engine
 import test_dih
 import train_heads
 import train_teacher
+from cuda_graphs import WARMUP_STEPS
 from data import train_batches
-from engine import (
-    WARMUP_STEPS,
-    TrainConfig,
-    fit,
-    make_optimizer,
-    make_train_step,
-    restore_random_state,
-    run_generators,
-    save_random_state,
-    trainable_parameters,
-)
+from engine import TrainConfig, fit, make_optimizer, make_train_step, trainable_parameters
 from heads import heads_for
 from methods import METHODS
 from models import build_model
+from random_streams import restore_random_state, run_generators, save_random_state
 
 DEVICE = torch.device(os.environ.get("DIH_TEST_DEVICE") or "cuda:0")
 GPU_ID = str(DEVICE)

@@ -24,8 +24,9 @@ import reproduce
 import test_dih
 import train_heads
 import train_teacher
+from cuda_graphs import WARMUP_STEPS, GraphedStep
 from data import Batch
-from engine import WARMUP_STEPS, GraphedStep, TrainConfig, make_optimizer, make_train_step
+from engine import TrainConfig, make_optimizer, make_train_step
 from execution import choose_execution, cpu_flags, native_bf16
 from utils import UserError
 

@@ -17,9 +17,11 @@ import torch
 from test_execution import FakeCuda
 
 import engine
+from cuda_graphs import WARMUP_STEPS, GraphedStep
 from data import from_arrays, make_synthetic
-from engine import RESEED_STRIDE, GraphedStep, TrainConfig, fit, restore_random_state, run_generators, save_random_state
+from engine import TrainConfig, fit
 from models import build_model
+from random_streams import RESEED_STRIDE, restore_random_state, run_generators, save_random_state
 from stages import TeacherTraining
 
 CUDA_STATE_BYTES = 16  # int64 seed, int64 offset
@@ -195,7 +197,7 @@ def test_fit_records_warmups_captures_and_replays_per_epoch_and_in_the_summary(t
     monkeypatch.setattr(engine, "GraphedStep", Faked)
     summary, _ = train(tmp_path, tiny_data(), cfg=config(cuda_graphs=True))
     rows = [json.loads(line)["cuda_graphs"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert engine.WARMUP_STEPS == 2
+    assert WARMUP_STEPS == 2
     # Epoch 1, shapes 16, 16, 8: warm, warm, warm. Epoch 2 (new LR): capture and replay, replay, warm.
     assert rows == [{"steps": 3, "warmups": 3, "captures": 0, "replays": 0},
                     {"steps": 3, "warmups": 1, "captures": 1, "replays": 2}]
