@@ -12,6 +12,7 @@ from typing import Any
 
 from data import BUILTIN, npz_name
 from methods import METHODS as REGISTRY
+from students import method_flags
 from utils import UserError
 
 from .grid import Sweep, schedule_tokens
@@ -89,7 +90,7 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
         name = f"{method} student {student}" + (f" <- {teacher}" if REGISTRY[method].teacher != "none" else "")
         out_dir = sweep.student_dir(student, method, teacher, seed)
         add(f"{name} seed {seed}", "test_dih.py", out_dir, sweep.epochs, seed,
-            ["--student", student, "--method", method, *extra, *hyper_flags(hyper)], deps,
+            ["--student", student, "--method", method, *extra, *method_flags(hyper)], deps,
             {"stage": "student", "model": student, "method": method, **hyper, **expect})
         return out_dir
 
@@ -171,27 +172,15 @@ def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], membe
     argv = [sys.executable, str(ROOT / "test_dih.py"), "--student", student, "--method", *methods,
             "--teacher", teacher, "--teacher_ckpt", str(sweep.teacher_dir(teacher, seed) / "teacher.pt"),
             *(["--heads_ckpt", str(heads)] if heads else []),
-            *(flag for member in own for flag in hyper_flags(member.hyper, f"{member.method}.")),
+            *(flag for member in own for flag in method_flags(member.hyper, member.method)),
             *stage_flags(sweep, sweep.epochs, seed),
-            *(flag for node, member in zip(nodes, own, strict=True) for flag in (f"--{member.method}.out_dir",
-                                                                                   str(node.out_dir))),
+            *(flag for node, member in zip(nodes, own, strict=True)
+              for flag in method_flags({"out_dir": str(node.out_dir)}, member.method)),
             "--resume"]
     deps = list(dict.fromkeys(dep for node in nodes for dep in node.deps))
     runs = {run: expect for node in nodes for run, expect in node.runs.items()}
     return Node(f"{' '.join(methods)} students {student} <- {teacher} seed {seed}",
                 sweep.run_dir(f"group-{student}-{teacher}", seed), argv, deps, runs)
-
-
-def hyper_flags(hyper: dict[str, Any], prefix: str = "") -> list[str]:
-    """A method's hyper-parameters as test_dih.py flags (`prefix` "kd.": KD's own values in a group), so that each
-    command states every value it uses."""
-    flags: list[str] = []
-    for key, value in hyper.items():
-        if isinstance(value, bool):
-            flags.append(f"--{prefix}{key}" if value else f"--{prefix}no-{key}")
-        else:
-            flags += [f"--{prefix}{key}", str(value)]
-    return flags
 
 
 def data_flags(sweep: Sweep, seed: int) -> list[str]:
