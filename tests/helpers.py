@@ -38,6 +38,12 @@ CPU = torch.device("cpu")
 CLASSES, SIZE = 10, 16  # of build_stage's stages: classes, image size
 
 
+def model_and_images(name: str) -> tuple[nn.Module, Tensor]:
+    """Model `name` of the zoo (10 classes, from seed 0) in eval mode, and two random 32x32 images."""
+    torch.manual_seed(0)
+    return build_model(name, 10).eval(), torch.randn(2, 3, 32, 32)
+
+
 class FakeCuda:
     """Stands in for CUDA: warm-up runs the step eagerly; capture records it without running it (as CUDA does)
     and returns a replay that runs it on the static batch, writing into the static outputs."""

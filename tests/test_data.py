@@ -6,6 +6,7 @@ import pickle
 import urllib.parse
 import urllib.request
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,26 +413,28 @@ def test_cifar_bad_archive_already_present(tmp_path):
     check_one_line(exc)
 
 
-def test_cifar_extracted_file_tampered(tmp_path):
-    source, _ = make_fake_cifar(tmp_path, "cifar10")
-    data_dir = tmp_path / "data"
-    data.load_dataset("cifar10", data_dir, CPU, source=source)
-    batch = data_dir / source.folder / "data_batch_3"
+def tamper(folder: Path, source: data.CifarSource) -> data.CifarSource:
+    """One byte of an extracted batch changed: its md5 no longer matches."""
+    batch = folder / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(DataError, match="data_batch_3 is missing or fails its md5 check") as exc:
-        data.load_dataset("cifar10", data_dir, CPU, source=source)
-    check_one_line(exc)
+    return source
 
 
-def test_cifar_unparsable_file(tmp_path):
-    """A file whose md5 matches the table but is not a CIFAR batch (here: a pickle of another class)."""
+def unparsable(folder: Path, source: data.CifarSource) -> data.CifarSource:
+    """A batch whose md5 matches the (changed) table but is not a CIFAR batch: a pickle of another class."""
+    batch = folder / "test_batch"
+    batch.write_bytes(pickle.dumps({b"data": dataclasses.field}))
+    return dataclasses.replace(source, test_files=(("test_batch", md5_of(batch)),))
+
+
+@pytest.mark.parametrize(("damage", "message"), [(tamper, "data_batch_3 is missing or fails its md5 check"),
+                                                 (unparsable, "could not parse .*test_batch")])
+def test_cifar_extracted_file_damaged(tmp_path, damage, message):
     source, _ = make_fake_cifar(tmp_path, "cifar10")
     data_dir = tmp_path / "data"
     data.load_dataset("cifar10", data_dir, CPU, source=source)
-    batch = data_dir / source.folder / "test_batch"
-    batch.write_bytes(pickle.dumps({b"data": dataclasses.field}))
-    source = dataclasses.replace(source, test_files=(("test_batch", md5_of(batch)),))
-    with pytest.raises(DataError, match="could not parse .*test_batch") as exc:
+    source = damage(data_dir / source.folder, source)
+    with pytest.raises(DataError, match=message) as exc:
         data.load_dataset("cifar10", data_dir, CPU, source=source)
     check_one_line(exc)
 
