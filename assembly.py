@@ -100,10 +100,15 @@ def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: 
     return teacher, identity(ckpt)
 
 
+def heads_path(args: argparse.Namespace) -> Path:
+    """Where the stage-2 heads are read from: --heads_ckpt, or stage 2's default output."""
+    return Path(args.heads_ckpt or default_dir(dataset_tag(args.dataset), f"heads-{args.teacher}", args.seed)
+                / "heads.pt")
+
+
 def read_heads(args: argparse.Namespace) -> dict[str, Any]:
     """The stage-2 heads checkpoint (--heads_ckpt or its default place), read before any data is."""
-    path = Path(args.heads_ckpt or default_dir(dataset_tag(args.dataset), f"heads-{args.teacher}", args.seed)
-                / "heads.pt")
+    path = heads_path(args)
     command = shlex.join(["python3", "train_heads.py", "--teacher", args.teacher, "--dataset", args.dataset,
                           "--seed", str(args.seed)])
     ckpt = load_checkpoint(path, "heads", "--heads_ckpt", hint=f"train them with: {command}")

@@ -21,6 +21,7 @@ import torch
 
 import assembly
 import cli
+import runlock
 from data import DeviceDataset
 from engine import Run, TrainConfig, fit_group
 from methods import HYPERS, METHODS, Method, Setup, TeacherPass, run_name
@@ -273,29 +274,83 @@ def group_layout(cfg: TrainConfig, students: list[Student], resume: bool) -> Tra
     return next(iter(layouts.values()))
 
 
+def heads_not_trained(run: argparse.Namespace) -> bool:
+    """Whether `run`'s method reads DIH's heads and no heads checkpoint is there (yet): its heads run is still
+    training, has failed, or never ran."""
+    return METHODS[run.method].heads and not assembly.heads_path(run).exists()
+
+
+def wait_for_heads(run: argparse.Namespace) -> Student | None:
+    """The student, once its heads run has ended (waiting for a process that still works in the heads' folder);
+    None, with one line saying why, if that run left no heads checkpoint."""
+    path = assembly.heads_path(run)
+    folder = path.parent
+    if not path.exists() and folder.is_dir():
+        def waiting(holder: str) -> None:
+            print(f"{run.method} waits for the heads run in {folder} ({holder}) to end")
+
+        with contextlib.suppress(runlock.Unwritable), runlock.hold(folder / runlock.RUN_LOCK, wait=waiting):
+            pass
+    if not path.exists():
+        print(f"{run.method} student {run.student}: not trained: its heads {path} are missing (their run failed or "
+              "has not run); the other students trained")
+        return None
+    return read_inputs(run)
+
+
 def train(args: argparse.Namespace, device: torch.device, cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """Train the students of --method, each into its own folder; return their summaries by method, in order."""
+    """Train the students of --method, each into its own folder; return their summaries by method, in order.
+
+    With several methods, a student whose DIH heads are not trained (yet) holds back no other: the others train
+    first; it trains after them, alone (its numbers are the same), if its heads run ends with heads, and is
+    otherwise reported as not trained: the command then fails, naming it, once the others are done.
+    """
+    resolved = resolve(args)
+    later = [run for run in resolved if len(resolved) > 1 and heads_not_trained(run)]
     # Every checkpoint this run needs is found and read before the dataset is loaded (or downloaded).
-    students = [read_inputs(run) for run in resolve(args)]
-    folders = Counter(student.out_dir.resolve() for student in students)
+    students = [read_inputs(run) for run in resolved if run not in later]
+    late_folders = [cli.run_dir(run, run_name(run.student, run.method, run.teacher,
+                                              {name: getattr(run, name) for name in METHODS[run.method].defaults}))
+                    for run in later]
+    folders = Counter(folder.resolve() for folder in [*(student.out_dir for student in students), *late_folders])
     if max(folders.values()) > 1:
         raise UserError(f"two students would write into {next(f for f, n in folders.items() if n > 1)}: give each "
                         "its own --METHOD.out_dir")
     groups = groups_of(students)
-    if len(students) > 1:
-        print(f"{len(students)} students in {len(groups)} group(s); each batch is drawn once for all, each teacher "
+    if len(resolved) > 1:
+        print(f"{len(resolved)} students in {len(groups)} group(s); each batch is drawn once for all, each teacher "
               "runs once per batch for its group:\n" + "\n".join(f"  {describe(group)}" for group in groups))
+    for run in later:
+        print(f"  {run.method}: its heads {assembly.heads_path(run)} are not trained yet; it trains after the others")
     with contextlib.ExitStack() as held:  # one writer per run folder, from before the data is loaded to the end
-        for student in students:
-            held.enter_context(run_folder(student.out_dir))
-        cfg = group_layout(cfg, students, args.resume)
+        for folder in [*(student.out_dir for student in students), *late_folders]:
+            held.enter_context(run_folder(folder))
+        cfg = group_layout(cfg, students, args.resume) if students else cfg
         data = cli.load_data(args, device)
-        named = len(students) > 1  # a group's log lines name their student
-        runs, order = [], []
-        for group in groups:
-            shared = teacher_pass(group, data, device, cfg)
-            for student in group:
-                runs.append(build_run(student, shared, data, device, cfg, student.method.name if named else ""))
-                order.append(student)
-        summaries = dict(zip((s.method.name for s in order), fit_group(runs, data, resume=args.resume), strict=True))
-    return {student.method.name: summaries[student.method.name] for student in students}
+        summaries = fit_groups(groups, data, device, cfg, args.resume, named=len(resolved) > 1) if groups else {}
+        untrained = []
+        for run in later:
+            student = wait_for_heads(run)
+            if student is None:
+                untrained.append(run.method)
+                continue
+            late_cfg = group_layout(cfg, [student], args.resume)
+            summaries |= fit_groups([[student]], data, device, late_cfg, args.resume, named=True)
+    if untrained:
+        done = ", ".join(summaries) or "none"
+        raise UserError(f"{' '.join(untrained)} not trained: its heads are missing (their run failed or has not run); "
+                        f"trained: {done}")
+    return {run.method: summaries[run.method] for run in resolved}
+
+
+def fit_groups(groups: list[list[Student]], data: DeviceDataset, device: torch.device, cfg: TrainConfig,
+               resume: bool, named: bool) -> dict[str, dict[str, Any]]:
+    """Train the groups side by side (each group's teacher pass built once); the summaries by method. `named`: the
+    log lines name their student."""
+    runs, order = [], []
+    for group in groups:
+        shared = teacher_pass(group, data, device, cfg)
+        for student in group:
+            runs.append(build_run(student, shared, data, device, cfg, student.method.name if named else ""))
+            order.append(student)
+    return dict(zip((s.method.name for s in order), fit_group(runs, data, resume=resume), strict=True))

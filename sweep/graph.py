@@ -35,6 +35,9 @@ class Node:
     argv: list[str]
     deps: list[Path]  # the run folders it needs
     runs: dict[Path, dict[str, Any]]  # each run folder it writes -> what that run's summary.json must say
+    # Run folders it comes after, whether they succeed or fail: a group's DIH heads, which its other students do not
+    # need (test_dih.py trains them, and DIH once its heads are there, or says why it could not).
+    after: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -164,7 +167,9 @@ def group_students(sweep: Sweep, graph: list[Node], members: dict[Path, Member])
 
 def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], members: dict[Path, Member]) -> Node:
     """One test_dih.py process for several students of one teacher run: each method's values and folder spelled
-    --METHOD.FLAG, so that every student gets the arguments, folder and numbers of its own node."""
+    --METHOD.FLAG, so that every student gets the arguments, folder and numbers of its own node. It comes after DIH's
+    heads run without needing it: a failed heads run holds back DIH alone, which test_dih.py reports as not trained
+    while the other students train."""
     student, teacher, seed = key
     own = [members[node.out_dir] for node in nodes]
     methods = [member.method for member in own]
@@ -177,10 +182,12 @@ def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], membe
             *(flag for node, member in zip(nodes, own, strict=True)
               for flag in method_flags({"out_dir": str(node.out_dir)}, member.method)),
             "--resume"]
-    deps = list(dict.fromkeys(dep for node in nodes for dep in node.deps))
+    heads_runs = {member.heads.parent for member in own if member.heads is not None}
+    needed = list(dict.fromkeys(dep for node in nodes for dep in node.deps))
     runs = {run: expect for node in nodes for run, expect in node.runs.items()}
     return Node(f"{' '.join(methods)} students {student} <- {teacher} seed {seed}",
-                sweep.run_dir(f"group-{student}-{teacher}", seed), argv, deps, runs)
+                sweep.run_dir(f"group-{student}-{teacher}", seed), argv,
+                [dep for dep in needed if dep not in heads_runs], runs, [dep for dep in needed if dep in heads_runs])
 
 
 def data_flags(sweep: Sweep, seed: int) -> list[str]:
@@ -210,7 +217,7 @@ def levels(nodes: list[Node]) -> list[list[Node]]:
     """The nodes by depth, in build order within each: a node's level is one past the deepest node it needs."""
     depth: dict[Path, int] = {}  # by run folder
     for node in nodes:  # build_graph lists every node after the nodes it needs
-        level = 1 + max((depth[dep] for dep in node.deps), default=-1)
+        level = 1 + max((depth[dep] for dep in [*node.deps, *node.after]), default=-1)
         depth |= dict.fromkeys(node.runs, level)
     by_node = [depth[next(iter(node.runs))] for node in nodes]
     return [[node for node, d in zip(nodes, by_node, strict=True) if d == level] for level in range(max(by_node) + 1)]
@@ -229,7 +236,8 @@ def listing(nodes: list[Node]) -> str:
         needs = "that need no other run" if number == 1 else "each after the runs named at its end (of earlier levels)"
         lines.append(f"# level {number} of {len(graph)}: {len(level)} commands {needs}")
         for node in level:
-            after = f"  # after {' '.join(dep.name for dep in node.deps)}" if node.deps else ""
+            waits = [*node.deps, *node.after]
+            after = f"  # after {' '.join(dep.name for dep in waits)}" if waits else ""
             lines.append(shlex.join(node.argv) + after)
     return "\n".join(lines)
 

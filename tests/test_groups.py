@@ -261,3 +261,61 @@ def test_two_students_in_one_folder_are_refused_in_one_line(inputs, tmp_path):
                         str(inputs["npz"]), "--gpu_id", "cpu", cwd=tmp_path)
     assert_clean_failure(result, "two students would write into", "same")
     assert not (tmp_path / "same").exists()
+
+
+def test_missing_dih_heads_hold_back_no_other_student_of_the_group(inputs, tmp_path, monkeypatch, capsys):
+    """A failed heads run holds back DIH alone: KD and AT train, DIH is reported as not trained in one line, and the
+    command fails, naming it, once they are done."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", "kd", "dih", "at", "--teacher", "res8", "--teacher_ckpt", str(inputs["teacher"]),
+            "--heads_ckpt", str(tmp_path / "heads" / "heads.pt"), "--dataset", str(inputs["npz"]), *COMMON]
+    with pytest.raises(UserError, match="^dih not trained: its heads are missing .*; trained: kd, at$"):
+        test_dih.main([*argv, "--epochs", "1"])
+    assert "dih student res8: not trained: its heads " in capsys.readouterr().out
+    runs = tmp_path / "runs" / "px16"
+    assert sorted(p.parent.name.split("-")[2] for p in runs.glob("*/summary.json")) == ["at", "kd"]
+    assert not any(runs.glob("*-dih-*"))  # its folder, made only to be locked, is gone again
+
+
+def test_dih_heads_that_arrive_while_the_others_train_teach_it_afterwards(inputs, solo, tmp_path, monkeypatch):
+    """Heads still training when the group starts (their file appears while KD trains): DIH trains after KD, alone,
+    to the very weights of its own run."""
+    import students
+
+    monkeypatch.chdir(tmp_path)
+    heads = tmp_path / "heads" / "heads.pt"
+    real = students.fit_groups
+
+    def then_the_heads_arrive(*args, **kwargs):
+        summaries = real(*args, **kwargs)
+        heads.parent.mkdir(exist_ok=True)
+        heads.write_bytes(inputs["heads"].read_bytes())
+        return summaries
+
+    monkeypatch.setattr(students, "fit_groups", then_the_heads_arrive)
+    summaries = test_dih.main(["--method", "kd", "dih", "--teacher", "res8", "--teacher_ckpt", str(inputs["teacher"]),
+                               "--heads_ckpt", str(heads), "--kd.alpha", "0.5", "--dataset", str(inputs["npz"]),
+                               *COMMON])
+    assert list(summaries) == ["kd", "dih"]
+    for method in summaries:
+        folder = next(solo.glob(f"*-{method}-*")).name
+        a, b = (torch.load(root / folder / "student.pt", weights_only=True)["state_dict"]
+                for root in (solo, tmp_path / "runs" / "px16"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
+
+
+def test_a_sweeps_group_comes_after_dihs_heads_without_needing_them():
+    """In a sweep's graph the group of a teacher run's students needs the teacher only; it comes after DIH's heads
+    run (so that, finished, they teach DIH in the group) but is not skipped when that run fails."""
+    import reproduce
+    from sweep.graph import build_graph
+    from sweep.grid import make_sweep
+
+    sweep = make_sweep(reproduce.build_parser().parse_args(["--preset", "paper-cifar100", "--methods", "kd", "dih"]))
+    groups = [node for node in build_graph(sweep) if len(node.runs) > 1]
+    assert groups
+    for node in groups:
+        heads = Path(node.argv[node.argv.index("--heads_ckpt") + 1]).parent
+        assert node.after == [heads] and heads not in node.deps
+        teacher = node.argv[node.argv.index("--teacher") + 1]
+        assert [dep.name.split("-seed")[0] for dep in node.deps] == [f"teacher-{teacher}"]
