@@ -186,10 +186,19 @@ class Student:
         return self.assistant or self.teacher_ckpt
 
 
+def hyper_parameters(run: argparse.Namespace) -> dict[str, Any]:
+    """The values of the hyper-parameters that `run`'s method takes."""
+    return {name: getattr(run, name) for name in METHODS[run.method].defaults}
+
+
+def folder_of(run: argparse.Namespace) -> Path:
+    """The student's run folder: its --out_dir, or the default one its method, networks and values name."""
+    return cli.run_dir(run, run_name(run.student, run.method, run.teacher, hyper_parameters(run), run.ta))
+
+
 def read_inputs(run: argparse.Namespace) -> Student:
     """A student's checkpoints, found and read (before any data is loaded), and its folder."""
     method = METHODS[run.method]
-    hyper = {name: getattr(run, name) for name in method.defaults}
     teacher_ckpt = heads_ckpt = assistant = None
     if method.teacher != "none":
         teacher_ckpt = assembly.read_teacher(run, run.teacher, None if method.teacher == "plain" else method.teacher)
@@ -200,8 +209,7 @@ def read_inputs(run: argparse.Namespace) -> Student:
 
         assistant = read_assistant(run, teacher_ckpt)
         run.ta = assistant["model"]
-    out_dir = cli.run_dir(run, run_name(run.student, method.name, run.teacher, hyper, run.ta))
-    return Student(method, run, hyper, out_dir, teacher_ckpt, heads_ckpt, assistant)
+    return Student(method, run, hyper_parameters(run), folder_of(run), teacher_ckpt, heads_ckpt, assistant)
 
 
 def groups_of(students: list[Student]) -> list[list[Student]]:
@@ -309,9 +317,7 @@ def train(args: argparse.Namespace, device: torch.device, cfg: TrainConfig) -> d
     later = [run for run in resolved if len(resolved) > 1 and heads_not_trained(run)]
     # Every checkpoint this run needs is found and read before the dataset is loaded (or downloaded).
     students = [read_inputs(run) for run in resolved if run not in later]
-    late_folders = [cli.run_dir(run, run_name(run.student, run.method, run.teacher,
-                                              {name: getattr(run, name) for name in METHODS[run.method].defaults}))
-                    for run in later]
+    late_folders = [folder_of(run) for run in later]
     folders = Counter(folder.resolve() for folder in [*(student.out_dir for student in students), *late_folders])
     if max(folders.values()) > 1:
         raise UserError(f"two students would write into {next(f for f, n in folders.items() if n > 1)}: give each "
