@@ -55,8 +55,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import cli
+from cuda_graphs import WARMUP_STEPS
 from data import CIFAR_SOURCES, Batch, DeviceDataset, from_arrays, test_batches, train_batches
-from engine import WARMUP_STEPS, GroupStep, Run, Stage, TrainConfig, make_shared_step
+from engine import GroupStep, Run, Stage, TrainConfig, make_shared_step
+from execution import COMPILE_MODES
 from heads import IntermediateHeads, heads_for, tofd_aux_for
 from methods import METHODS, Setup, TeacherOutputs, TeacherPass
 from methods.dih import CohortDistillation
@@ -64,7 +66,6 @@ from methods.takd import default_assistant
 from methods.tofd import TOFDTeacher
 from models import MODEL_NAMES, TapModel, build_model, fold_batchnorm
 from stages import HeadsTraining, TeacherTraining
-from utils import COMPILE_MODES
 
 STAGES = ("teacher", "heads", "dih")
 ALPHA, TEMPERATURE = 0.1, 5.0  # the paper's defaults
@@ -504,7 +505,7 @@ def method_stage(method: str, work: Workload, data: DeviceDataset, cfg: TrainCon
         teacher_name = default_assistant(work.models.teacher_name) if spec.assistant else work.models.teacher_name
         teacher = work.models.teacher if teacher_name == work.models.teacher_name else make_models(
             teacher_name, "res8", data.num_classes).teacher
-        teacher = fold_batchnorm(place(teacher, device, channels_last))  # as cli.build_teacher gives it
+        teacher = fold_batchnorm(place(teacher, device, channels_last))  # as assembly.build_teacher gives it
         heads = place(work.models.heads, device, channels_last).eval().requires_grad_(False) if spec.heads else None
     teacher_ckpt = None
     if spec.teacher == "tofd":

@@ -19,20 +19,27 @@ import contextlib
 import json
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from checkpoint import expect_match, load_checkpoint, load_weights, model_fingerprint, save_checkpoint
+from cuda_graphs import GraphedStep
 from data import DEFAULT_PAD_MODE, Batch, DeviceDataset, num_train_batches, test_batches, train_batches
+from random_streams import (
+    capture_random_streams,
+    restore_random_state,
+    restore_random_streams,
+    resume_seed,
+    run_generators,
+    save_random_state,
+)
 from utils import UserError, WriteError, atomic_write_json, atomic_write_text, lr_at
 
 RESUME_FILE = "last.pt"
@@ -225,118 +232,6 @@ def make_shared_step(shared_pass: SharedPass, needs: Needs, cfg: TrainConfig) ->
     return GraphedStep(step) if cfg.cuda_graphs else step
 
 
-WARMUP_STEPS = 2  # eager steps of each batch shape before it is captured: momentum buffers, cuDNN autotuning, compiling
-
-
-def on_side_stream(step: Callable[..., Any], inputs: tuple) -> Any:
-    """An eager step on a side stream of the inputs' GPU, as CUDA graphs want their warm-up; the outputs come back
-    on that GPU's current stream."""
-    with torch.cuda.device(tensors(inputs)[0].device):
-        current, side = torch.cuda.current_stream(), torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            outputs = step(*inputs)
-        current.wait_stream(side)
-    return outputs
-
-
-def capture_cuda_graph(step: Callable[..., Any], static: tuple) -> tuple[Callable[[], None], Any]:
-    """Record `step` on the static inputs as a CUDA graph: its replay function and its static outputs.
-
-    The capture stream is made on the inputs' GPU (torch.cuda.graph's default one is made once per process, on
-    whichever GPU was current then), and the replay runs with that GPU current."""
-    device = tensors(static)[0].device
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-        outputs = step(*static)
-
-    def replay() -> None:
-        with torch.cuda.device(device):
-            graph.replay()
-
-    return replay, outputs
-
-
-def tensors(tree: Any) -> list[Tensor]:
-    """The tensors of nested tuples, lists and named tuples, in order (None entries skipped)."""
-    return [leaf for leaf in pytree.tree_leaves(tree) if leaf is not None]
-
-
-def cloned(tree: Any) -> Any:
-    """A copy of nested tuples, lists and named tuples of tensors, each tensor cloned."""
-    return pytree.tree_map(lambda leaf: None if leaf is None else leaf.clone(), tree)
-
-
-class GraphedStep:
-    """A step replayed from CUDA graphs: one launch per step instead of hundreds (eager batch-64 steps are
-    launch-bound on a GPU, docs/BENCHMARKS.md). A training step (with its optimizer) or a shared pass (without).
-
-    Each batch shape (the full batch, an epoch's partial last one) first runs `WARMUP_STEPS` eager steps, then
-    is captured once; a change of the optimizer's hyper-parameters (the LR at a milestone) recaptures, since a
-    graph holds them as constants. Each call's inputs (a batch, and what a run reads of a shared pass) are copied
-    into its graph's static inputs and the outputs are cloned out of its static ones. The replayed kernels are
-    the eager ones: results equal eager up to the kernels' own nondeterminism. A graph sees tensors, not Python
-    values: state that a stage changes between epochs must live in a tensor updated in place (as TOFD's
-    temperature does), and a step must not read a value back to the host. `warm` and `capture` are CUDA's
-    unless a test fakes them.
-
-    `counts` tallies warm-up steps, captures and replays (a run records its train step's per epoch in
-    metrics.jsonl and in summary.json): every step after the warm-ups is a replay, the evidence that graphs ran.
-    """
-
-    def __init__(self, step: Callable[..., Any], optimizer: torch.optim.Optimizer | None = None,
-                 warm: Callable[[Callable[..., Any], tuple], Any] = on_side_stream,
-                 capture: Callable[[Callable[..., Any], tuple], tuple[Callable[[], None], Any]] = capture_cuda_graph):
-        self.step, self.optimizer, self.warm, self.capture = step, optimizer, warm, capture
-        self.eager_steps: Counter[tuple[int, ...]] = Counter()
-        self.graphs: dict[tuple[int, ...], tuple[tuple, Callable[[], None], Any]] = {}
-        self.hyper: list[dict[str, Any]] = []
-        self.counts: Counter[str] = Counter()
-
-    def __call__(self, *inputs: Any) -> Any:
-        groups = self.optimizer.param_groups if self.optimizer is not None else []
-        hyper = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-        if hyper != self.hyper:
-            self.graphs.clear()
-            self.hyper = hyper
-        values = tensors(inputs)
-        shape = tuple(values[0].shape)  # the batch's images
-        if shape not in self.graphs:
-            if self.eager_steps[shape] < WARMUP_STEPS:
-                self.eager_steps[shape] += 1
-                self.counts["warmups"] += 1
-                return self.warm(self.step, inputs)
-            self.graphs[shape] = self._capture(inputs)
-            self.counts["captures"] += 1
-        static, replay, outputs = self.graphs[shape]
-        for buffer, value in zip(tensors(static), values, strict=True):
-            buffer.copy_(value)
-        replay()
-        self.counts["replays"] += 1
-        return cloned(outputs)
-
-    def take_counts(self) -> dict[str, int]:
-        """Warm-up steps, captures and replays since the last call."""
-        counts = {key: self.counts[key] for key in ("warmups", "captures", "replays")}
-        self.counts.clear()
-        return counts
-
-    def _capture(self, inputs: tuple) -> tuple[tuple, Callable[[], None], Any]:
-        static = cloned(inputs)
-        # No gradient may exist at capture: the graph's backward then writes fresh ones instead of accumulating.
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        try:
-            replay, outputs = self.capture(self.step, static)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--compile graphs: this step cannot be captured as a CUDA graph ({reason}); "
-                            "use --compile on or off") from None
-        return static, replay, outputs
-
-
 def locate(phases: list[Phase], epoch: int) -> tuple[int, int]:
     """(phase index, 1-based epoch within that phase) of the run's 1-based `epoch`."""
     for index, phase in enumerate(phases):
@@ -346,74 +241,22 @@ def locate(phases: list[Phase], epoch: int) -> tuple[int, int]:
     raise ValueError("epoch past the last phase")
 
 
-# ---------------------------------------------------------------------------------------------- random streams
-# A run draws from its data generator (batch order, crops, flips; on the run's device) and from torch's global
-# generators: the CPU's (initial weights) and, on a GPU, that GPU's default one (CRD's negatives). Each run of a group
-# keeps its own copy of the global generators' state, swapped in around everything it does, so that its stream is
-# the one its solo run would see. last.pt records all of them with the device they were drawn on; no other GPU's
-# state, which means nothing to this run and which another machine may lack.
-
-RESEED_STRIDE = 1_000_003  # a stream reseeded on resume starts from --seed + this x the epochs done
-
-
-def global_generators(device: torch.device) -> dict[str, torch.Generator]:
-    """torch's CPU generator and, on a GPU, that GPU's default generator, by their last.pt keys."""
-    generators = {"torch_rng": torch.default_generator}
-    if device.type == "cuda":
-        torch.cuda.init()
-        index = torch.cuda.current_device() if device.index is None else device.index
-        generators["device_rng"] = torch.cuda.default_generators[index]
-    return generators
-
-
-def run_generators(data: torch.Generator) -> dict[str, torch.Generator]:
-    """Every generator a run draws from, by its last.pt key: its data generator and the global ones of its device."""
-    return {"data_rng": data, **global_generators(data.device)}
-
-
-def capture_random_streams(device: torch.device) -> dict[str, Tensor]:
-    """The global generators' state on `device`, as last.pt records it."""
-    return {key: generator.get_state() for key, generator in global_generators(device).items()}
-
-
-def restore_random_streams(streams: dict[str, Tensor], device: torch.device) -> None:
-    """Set the global generators to a state from `capture_random_streams`."""
-    for key, generator in global_generators(device).items():
-        generator.set_state(streams[key])
-
-
-def save_random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    """The run's random state for last.pt, with the device it was drawn on."""
-    return {"rng_device": str(generators["data_rng"].device), **{k: g.get_state() for k, g in generators.items()}}
-
-
-def restore_random_state(saved: dict[str, Any], generators: dict[str, torch.Generator], reseed: int,
-                         log: Callable[[str], None]) -> None:
-    """Continue the saved random stream where it carries over; else reseed it, with a one-line notice.
-
-    torch's CPU generator always carries over. A GPU generator's state (a seed and an offset) means the same on any
-    GPU, so a run resumed on another GPU index continues its stream exactly; a CPU generator's (a Mersenne Twister)
-    cannot become a GPU's or back, so a run moved between the CPU and a GPU continues with the data and device
-    generators reseeded from `reseed`. A last.pt from before the device was recorded counts as the CPU's (every run
-    until then was); a state of another size than this torch's generator holds is reseeded, never a traceback.
-    """
-    generators["torch_rng"].set_state(saved["torch_rng"])
-    saved_on, device = torch.device(saved.get("rng_device", "cpu")), generators["data_rng"].device
-    drawn = {key: generator for key, generator in generators.items() if key != "torch_rng"}
-    if saved_on.type == device.type and all(
-            isinstance(saved.get(key), Tensor) and saved[key].numel() == g.get_state().numel()
-            for key, g in drawn.items()):
-        for key, generator in drawn.items():
-            generator.set_state(saved[key])
-        return
-    for generator in drawn.values():
-        generator.manual_seed(reseed)
-    log(f"--resume: this run was interrupted on {saved_on}, it continues on {device}; its random stream (batch order, "
-        "crops, flips, CRD's negatives) cannot carry over and is reseeded from --seed and the epoch, so the result "
-        "will differ from an uninterrupted run's")
-
-
 # ------------------------------------------------------------------------------------------------------ a run
+
+
+class PhaseTraining(NamedTuple):
+    """What a run trains its current phase with: a fresh optimizer at each phase's start, and its train step."""
+
+    phase_index: int
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep
+
+
+class SavedOptimizer(NamedTuple):
+    """An optimizer's state from last.pt and the phase it belongs to (a later phase starts a fresh one)."""
+
+    phase_index: int
+    state: dict[str, Any]
 
 
 class Run:
@@ -437,8 +280,8 @@ class Run:
         self.summary: dict[str, Any] | None = None  # set once the run is finished
         self.phase, self.lr = self.phases[0], cfg.lr
         self.eval_step = torch.compile(stage.evaluate) if cfg.compile else stage.evaluate
-        self._optimizer_state: tuple[int, dict] | None = None  # (phase index, state) restored from last.pt
-        self._current: tuple[int, torch.optim.Optimizer, TrainStep] | None = None
+        self._restored: SavedOptimizer | None = None  # from last.pt, for the phase it was saved in
+        self._training: PhaseTraining | None = None  # the current phase's optimizer and train step
 
     @contextlib.contextmanager
     def own_random_streams(self) -> Iterator[None]:
@@ -450,9 +293,9 @@ class Run:
             self.streams = capture_random_streams(self.device)
 
     def open(self, resume: bool, log: Callable[[str], None]) -> None:
-        """Take up the run's folder: the one place where a run claims it for writing. A finished run is kept as it
-        is, an interrupted one continues from its last completed epoch, and a folder holding a run is refused
-        without `resume`."""
+        """Read what the run's folder holds: a finished run is kept as it is, an interrupted one continues from its
+        last completed epoch, and a folder holding a run is refused without `resume`. (The folder's one writer is
+        claimed before this, and before any data is loaded, by the stage script's `runlock.run_folder`.)"""
         summary_path, resume_path = self.out_dir / "summary.json", self.out_dir / RESUME_FILE
         weights_path = self.out_dir / f"{self.stage.kind}.pt"
         if not (summary_path.exists() or resume_path.exists()):
@@ -475,14 +318,14 @@ class Run:
         """Enter the run's 1-based `epoch`: its phase (a fresh optimizer at a phase's start), LR and train mode."""
         index, phase_epoch = locate(self.phases, epoch)
         self.phase = self.phases[index]
-        if self._current is None or self._current[0] != index:
+        if self._training is None or self._training.phase_index != index:
             optimizer = make_optimizer(self.phase.parameters, self.cfg)
-            if self._optimizer_state is not None and self._optimizer_state[0] == index:
-                optimizer.load_state_dict(self._optimizer_state[1])
-            self._current = (index, optimizer, make_train_step(self.phase.loss, optimizer, self.cfg))
+            if self._restored is not None and self._restored.phase_index == index:
+                optimizer.load_state_dict(self._restored.state)
+            self._training = PhaseTraining(index, optimizer, make_train_step(self.phase.loss, optimizer, self.cfg))
         cfg = self.cfg
         self.lr = cfg.lr if self.phase.constant_lr else lr_at(phase_epoch, cfg.lr, list(cfg.schedule), cfg.gamma)
-        for group in self._current[1].param_groups:
+        for group in self._training.optimizer.param_groups:
             group["lr"] = self.lr
         self.stage.trainable.train()
         with self.own_random_streams():
@@ -491,7 +334,7 @@ class Run:
     def step(self, batch: Batch, shared: Any) -> StepResult:
         """The run's own optimisation step on a batch, in its own random streams."""
         with self.own_random_streams():
-            return self._current[2](batch, shared)
+            return self._training.train_step(batch, shared)
 
     def end_epoch(self, epoch: int, train_loss: float, train_acc: float | None, train_seconds: float,
                   data: DeviceDataset, log: Callable[[str], None]) -> None:
@@ -511,7 +354,7 @@ class Run:
         }
         if len(test) > 1:
             row["test_acc_by_output"] = {name: acc for name, (_, acc) in test.items()}
-        train_step = self._current[2]
+        train_step = self._training.train_step
         if isinstance(train_step, GraphedStep):  # what a caller reads to know that the graphs ran
             row["cuda_graphs"] = {"steps": num_train_batches(data, self.cfg.batch_size), **train_step.take_counts()}
         row["seconds"] = train_seconds + time.perf_counter() - started
@@ -526,7 +369,6 @@ class Run:
         )
 
     def _save_progress(self) -> None:
-        index, optimizer, _ = self._current
         with self.own_random_streams():
             random_state = save_random_state(run_generators(self.generator))
         save_checkpoint(
@@ -536,11 +378,11 @@ class Run:
             stage=self.stage.kind,
             args=self.args,
             history=self.history,
-            phase_index=index,
+            phase_index=self._training.phase_index,
             amp=self.cfg.amp,  # the effective precision: --amp auto may pick another one on another machine
-            channels_last=self.cfg.channels_last,  # the effective layout, kept on resume (cli.keep_layout)
+            channels_last=self.cfg.channels_last,  # the effective layout, kept on resume (assembly.keep_layout)
             provenance=self.stage.provenance(),
-            optimizer=optimizer.state_dict(),
+            optimizer=self._training.optimizer.state_dict(),
             **random_state,
         )
         atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
@@ -556,7 +398,8 @@ class Run:
                             f"{'on' if ckpt['amp'] else 'off'}")
         if ckpt.get("channels_last", cfg.channels_last) != cfg.channels_last:
             raise UserError(f"--resume: this run trained with channels_last={ckpt['channels_last']}, but this config "
-                            f"has {cfg.channels_last}; resume in the layout it started with (cli.keep_layout gives it)")
+                            f"has {cfg.channels_last}; resume in the layout it started with (assembly.keep_layout "
+                            "gives it)")
         _check_arguments(ckpt["args"], args)
         now = self.stage.provenance()
         for role, then in ckpt.get("provenance", {}).items():  # (checkpoints before this check did not record it)
@@ -567,10 +410,10 @@ class Run:
                                 "resume with the original file, or start the run afresh in another --out_dir")
         load_weights(self.stage.trainable, ckpt, "--resume")
         with self.own_random_streams():
-            restore_random_state(ckpt, run_generators(self.generator),
-                                 self.cfg.seed + RESEED_STRIDE * len(ckpt["history"]), log)
+            restore_random_state(ckpt, run_generators(self.generator), resume_seed(self.cfg.seed, len(ckpt["history"])),
+                                 log)
         self.history = ckpt["history"]
-        self._optimizer_state = (ckpt["phase_index"], ckpt["optimizer"])
+        self._restored = SavedOptimizer(ckpt["phase_index"], ckpt["optimizer"])
 
     def finish(self, data: DeviceDataset) -> dict[str, Any]:
         """Write the final weights (and the extras, apart), then summary.json (its presence marks the run done)."""
@@ -699,42 +542,53 @@ def fit_group(runs: list[Run], data: DeviceDataset, resume: bool = False,
     return [run.summary for run in runs]
 
 
+@dataclass
+class EpochTally:
+    """A run's training loss and number correct, summed over an epoch's batches on the device: no host
+    synchronisation inside the epoch."""
+
+    loss: Tensor
+    correct: Tensor | None = None  # stays None through a phase that trains no classifier (FitNets' hint phase)
+
+    def add(self, result: StepResult, batch_size: int) -> None:
+        loss, correct = result
+        self.loss += loss * batch_size
+        if correct is not None:
+            self.correct = correct if self.correct is None else self.correct + correct
+
+    def sums(self) -> Tensor:
+        """(loss, number correct) as one tensor; the count is 0 where no classifier is trained."""
+        return torch.stack((self.loss, torch.zeros_like(self.loss) if self.correct is None else self.correct))
+
+
 def _train_epoch(cohort: list[Run], epoch: int, data: DeviceDataset, group_step: GroupStep,
                  log: Callable[[str], None]) -> list[tuple[Run, str]]:
     """Train `epoch` for every run of the cohort on one draw of batches; record it for each run whose loss stayed
     finite. Returns the others with their message."""
     started = time.perf_counter()
-    cfg, device = cohort[0].cfg, data.x_train.device
-    generator = cohort[0].generator
-    state = generator.get_state()
-    if any(not torch.equal(run.generator.get_state(), state) for run in cohort[1:]):
+    cfg, leader = cohort[0].cfg, cohort[0]
+    if any(not torch.equal(run.generator.get_state(), leader.generator.get_state()) for run in cohort):
         raise RuntimeError(f"the runs training epoch {epoch} together would draw different batches")
     for run in cohort:
         run.start_epoch(epoch)
-    loss_sums = [torch.zeros((), device=device) for _ in cohort]
-    corrects: list[Tensor | None] = [torch.zeros((), device=device) for _ in cohort]
-    batches = train_batches(data, cfg.batch_size, generator, cfg.channels_last, cfg.pad_mode)
+    tallies = [EpochTally(torch.zeros((), device=data.x_train.device)) for _ in cohort]
+    batches = train_batches(data, cfg.batch_size, leader.generator, cfg.channels_last, cfg.pad_mode)
     total = max(run.total for run in cohort)
     for batch in tqdm(batches, total=num_train_batches(data, cfg.batch_size), desc=f"epoch {epoch}/{total}",
                       leave=False, disable=None):
-        for i, (loss, correct) in enumerate(group_step(cohort, batch)):
-            # Accumulated on the device: no host synchronisation inside the epoch.
-            loss_sums[i] += loss * batch.y.numel()
-            corrects[i] = None if correct is None else corrects[i] + correct
-    sums = [value for i in range(len(cohort)) for value in (loss_sums[i], corrects[i])
-            if value is not None]
-    read = iter((torch.stack(sums) / len(data.y_train)).tolist())  # the epoch's one host read
-    totals = [(next(read), None if corrects[i] is None else next(read)) for i in range(len(cohort))]
+        for tally, result in zip(tallies, group_step(cohort, batch), strict=True):
+            tally.add(result, batch.y.numel())
+    means = (torch.stack([tally.sums() for tally in tallies]) / len(data.y_train)).tolist()  # the epoch's one host read
     train_seconds = (time.perf_counter() - started) / len(cohort)  # each run's share of the epoch's training
-    for run in cohort[1:]:
-        run.generator.set_state(generator.get_state())
+    for run in cohort:  # the leader drew the batches for all: every run's data generator moves on with it
+        run.generator.set_state(leader.generator.get_state())
     diverged = []
-    for run, (train_loss, train_acc) in zip(cohort, totals, strict=True):
+    for run, tally, (train_loss, train_acc) in zip(cohort, tallies, means, strict=True):
         if not math.isfinite(train_loss):
             diverged.append((run, f"the training loss became {train_loss} in epoch {epoch} (diverged: try a lower "
                                   "--lr); nothing was written for this epoch"))
             continue
-        run.end_epoch(epoch, train_loss, train_acc, train_seconds, data, log)
+        run.end_epoch(epoch, train_loss, None if tally.correct is None else train_acc, train_seconds, data, log)
     return diverged
 
 

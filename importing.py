@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import assembly
 import cli
 from checkpoint import FORMAT, model_fingerprint, save_checkpoint
 from engine import RESUME_FILE, TrainConfig, evaluate
@@ -228,7 +229,7 @@ def import_teacher(name: str, path: str | Path, args: argparse.Namespace, device
         raise UserError(f"{out_dir} holds another run than this import of {path}: choose another --out_dir")
     started = time.perf_counter()
     data = cli.load_data(args, device)
-    model = cli.build(name, data.num_classes, device, cfg.channels_last, data.image_size)
+    model = assembly.build(name, data.num_classes, device, cfg.channels_last, data.image_size)
     model.load_state_dict(map_state(model, name, foreign.state, data.num_classes, str(path)))
     test_loss, test_acc = evaluate(TeacherTraining(model, name), data, cfg)["model"]
     provenance = {"imported_file": str(path.resolve()), "imported_sha256": foreign.sha256,

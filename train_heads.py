@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+import assembly
 import cli
 from checkpoint import model_fingerprint
 from engine import fit
@@ -21,14 +22,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher", default="res110", help=f"one of {', '.join(MODEL_NAMES)}")
     parser.add_argument("--teacher_ckpt", default=None, help="its weights (default: stage 1's default output)")
     args, device, cfg = cli.parse(parser, argv)
-    teacher_ckpt = cli.read_teacher(args, args.teacher)  # before any data is loaded
+    teacher_ckpt = assembly.read_teacher(args, args.teacher)  # before any data is loaded
     out_dir = cli.run_dir(args, f"heads-{args.teacher}")
 
     with run_folder(out_dir):  # one writer per run folder, from before its data is loaded to its end
-        cfg = cli.keep_layout(cfg, out_dir, args.resume)
+        cfg = assembly.keep_layout(cfg, out_dir, args.resume)
         data = cli.load_data(args, device)
         # Unfolded: the stage evaluates it as it is and folds its own copy for the training steps.
-        teacher, teacher_identity = cli.build_teacher(teacher_ckpt, args.teacher, data, device, cfg, fold=False)
+        teacher, teacher_identity = assembly.build_teacher(teacher_ckpt, args.teacher, data, device, cfg, fold=False)
         torch.manual_seed(args.seed)
         heads = heads_for(teacher, data.num_classes, data.image_size).to(device)
         taps = ", ".join(heads.tap_names)

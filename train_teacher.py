@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+import assembly
 import cli
 from engine import fit
 from heads import tofd_aux_for
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
         return summary
 
     with run_folder(out_dir):  # one writer per run folder, from before its data is loaded to its end
-        cfg = cli.keep_layout(cfg, out_dir, args.resume)
+        cfg = assembly.keep_layout(cfg, out_dir, args.resume)
         data = cli.load_data(args, device)
         torch.manual_seed(args.seed)
-        model = cli.build(args.model, data.num_classes, device, cfg.channels_last, data.image_size)
+        model = assembly.build(args.model, data.num_classes, device, cfg.channels_last, data.image_size)
         if args.summary:
             cli.print_model_summary(model, device, data.image_size)
         if args.tofd:

@@ -64,6 +64,9 @@ class TeacherPass(SharedPass):
                               outputs.heads if HEADS in needs else None)
 
 
+INPUTS = ("teacher", "teacher_ckpt", "heads_ckpt", "ta", "ta_ckpt")  # the flags that name what a method reads
+
+
 @dataclass(frozen=True)
 class Hyper:
     """One hyper-parameter flag of test_dih.py: its type, a check of its value, and its help text."""
@@ -123,25 +126,40 @@ class Method:
     heads: bool = False  # needs DIH's stage-2 heads
     assistant: bool = False  # learns from a teacher assistant (TAKD)
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The flags naming what it reads from disk (of `INPUTS`): its teacher, DIH's heads, TAKD's assistant."""
+        reads = {"teacher": self.teacher != "none", "teacher_ckpt": self.teacher != "none", "heads_ckpt": self.heads,
+                 "ta": self.assistant, "ta_ckpt": self.assistant}
+        return tuple(flag for flag in INPUTS if reads[flag])
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        """Every flag it takes beyond the common ones (and --out_dir): its inputs, then its hyper-parameters. A
+        flag that no method of a command accepts is refused."""
+        return (*self.inputs, *self.defaults)
+
 
 class StudentStage(Stage):
     """Stage 3 of any method: delivers the plain student; records the method's identity with it.
 
     `needs` (class attribute) is what its step reads of the teacher's pass (LOGITS, FEATURES, HEADS, FIRST_TAP).
+    The stage keeps no reference to the teacher network: a method's `build` may read its shapes from the `Setup`,
+    its step reads the teacher's outputs only as the shared pass hands them over, so that in a group the teacher
+    runs once per batch for every student (tests/test_groups.py counts its forwards).
     """
 
     def __init__(self, setup: Setup, extras: dict[str, nn.Module] | None = None):
         super().__init__("student", setup.student, extras)
-        self.setup, self.hyper = setup, setup.hyper
-        self.teacher = setup.teacher
+        self.hyper, self.meta, self.inputs = setup.hyper, setup.meta, setup.provenance
         if setup.teacher is not None:
             self.shared_pass = setup.teacher_pass or TeacherPass(setup.teacher, setup.heads)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return self.setup.meta
+        return self.meta
 
     def summary_fields(self, last: dict[str, Any]) -> dict[str, Any]:
-        return self.setup.meta
+        return self.meta
 
     def provenance(self) -> dict[str, dict[str, str]]:
-        return self.setup.provenance
+        return self.inputs

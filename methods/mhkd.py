@@ -60,7 +60,7 @@ class MultiHeadDistillation(StudentStage):
         self.student_heads = mhkd_heads_for(setup.student, classes, size)
         self.teacher_heads = mhkd_heads_for(setup.teacher, classes, size)
         super().__init__(setup, {"student_heads": self.student_heads, "teacher_heads": self.teacher_heads})
-        self.teacher.eval().requires_grad_(False)  # only its heads learn: the backbone and BN statistics stay
+        setup.teacher.eval().requires_grad_(False)  # only its heads learn: the backbone and BN statistics stay
 
     def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
         student = self.model.forward_features(batch.x)
@@ -73,7 +73,7 @@ class MultiHeadDistillation(StudentStage):
     def evaluate(self, x: Tensor) -> dict[str, Tensor]:
         """The student (the headline) and, for the record, every head of both networks."""
         student = self.model.forward_features(x)
-        teacher_taps = self.teacher.forward_features(x).taps
+        teacher_taps = self.shared_pass(Batch(x, None, None), self.needs).taps  # (the pass reads the images only)
         outputs = {"model": student.logits}
         for network, heads, taps in (("student", self.student_heads, student.taps),
                                      ("teacher", self.teacher_heads, teacher_taps)):

@@ -52,7 +52,7 @@ def read_assistant(args: argparse.Namespace, teacher_ckpt: dict[str, Any]) -> di
     if ta is None:
         raise UserError(f"--method takd: no default assistant for a {args.teacher} teacher (TAKD needs one smaller "
                         "than the teacher): pass --ta NAME")
-    hyper = {"alpha": args.alpha, "temperature": args.temperature}  # as given, or KD's defaults (test_dih.resolve)
+    hyper = {"alpha": args.alpha, "temperature": args.temperature}  # as given, or KD's defaults (students.resolve)
     kd_run = run_name(ta, "kd", args.teacher, hyper)
     path = args.ta_ckpt or default_dir(dataset_tag(args.dataset), kd_run, args.seed) / "student.pt"
     command = shlex.join(["python3", "test_dih.py", "--method", "kd", "--student", ta, "--teacher", args.teacher,

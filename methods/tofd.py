@@ -128,7 +128,7 @@ class TaskOrientedDistillation(StudentStage):
         links = nn.ModuleList(nn.Linear(d_s, d_t, bias=False) for d_s, d_t in zip(dims_s, dims_t, strict=True))
         super().__init__(setup, {"aux": aux, "links": links})
         self.aux, self.links = aux, links
-        self.teacher.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
         self.teacher_aux = fold_batchnorm(teacher_aux.to(data.x_train.device))
         # A device tensor rather than a float, so that a compiled step reads each epoch's value without
         # recompiling; set from the epoch number alone, so --resume recomputes it.

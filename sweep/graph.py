@@ -12,6 +12,7 @@ from typing import Any
 
 from data import BUILTIN, npz_name
 from methods import METHODS as REGISTRY
+from students import method_flags
 from utils import UserError
 
 from .grid import Sweep, schedule_tokens
@@ -34,6 +35,9 @@ class Node:
     argv: list[str]
     deps: list[Path]  # the run folders it needs
     runs: dict[Path, dict[str, Any]]  # each run folder it writes -> what that run's summary.json must say
+    # Run folders it comes after, whether they succeed or fail: a group's DIH heads, which its other students do not
+    # need (test_dih.py trains them, and DIH once its heads are there, or says why it could not).
+    after: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -89,7 +93,7 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
         name = f"{method} student {student}" + (f" <- {teacher}" if REGISTRY[method].teacher != "none" else "")
         out_dir = sweep.student_dir(student, method, teacher, seed)
         add(f"{name} seed {seed}", "test_dih.py", out_dir, sweep.epochs, seed,
-            ["--student", student, "--method", method, *extra, *hyper_flags(hyper)], deps,
+            ["--student", student, "--method", method, *extra, *method_flags(hyper)], deps,
             {"stage": "student", "model": student, "method": method, **hyper, **expect}, sweep.lr_of(student))
         return out_dir
 
@@ -163,7 +167,9 @@ def group_students(sweep: Sweep, graph: list[Node], members: dict[Path, Member])
 
 def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], members: dict[Path, Member]) -> Node:
     """One test_dih.py process for several students of one teacher run: each method's values and folder spelled
-    --METHOD.FLAG, so that every student gets the arguments, folder and numbers of its own node."""
+    --METHOD.FLAG, so that every student gets the arguments, folder and numbers of its own node. It comes after DIH's
+    heads run without needing it: a failed heads run holds back DIH alone, which test_dih.py reports as not trained
+    while the other students train."""
     student, teacher, seed = key
     own = [members[node.out_dir] for node in nodes]
     methods = [member.method for member in own]
@@ -171,27 +177,17 @@ def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], membe
     argv = [sys.executable, str(ROOT / "test_dih.py"), "--student", student, "--method", *methods,
             "--teacher", teacher, "--teacher_ckpt", str(sweep.teacher_dir(teacher, seed) / "teacher.pt"),
             *(["--heads_ckpt", str(heads)] if heads else []),
-            *(flag for member in own for flag in hyper_flags(member.hyper, f"{member.method}.")),
+            *(flag for member in own for flag in method_flags(member.hyper, member.method)),
             *stage_flags(sweep, sweep.epochs, seed, sweep.lr_of(student)),
-            *(flag for node, member in zip(nodes, own, strict=True) for flag in (f"--{member.method}.out_dir",
-                                                                                   str(node.out_dir))),
+            *(flag for node, member in zip(nodes, own, strict=True)
+              for flag in method_flags({"out_dir": str(node.out_dir)}, member.method)),
             "--resume"]
-    deps = list(dict.fromkeys(dep for node in nodes for dep in node.deps))
+    heads_runs = {member.heads.parent for member in own if member.heads is not None}
+    needed = list(dict.fromkeys(dep for node in nodes for dep in node.deps))
     runs = {run: expect for node in nodes for run, expect in node.runs.items()}
     return Node(f"{' '.join(methods)} students {student} <- {teacher} seed {seed}",
-                sweep.run_dir(f"group-{student}-{teacher}", seed), argv, deps, runs)
-
-
-def hyper_flags(hyper: dict[str, Any], prefix: str = "") -> list[str]:
-    """A method's hyper-parameters as test_dih.py flags (`prefix` "kd.": KD's own values in a group), so that each
-    command states every value it uses."""
-    flags: list[str] = []
-    for key, value in hyper.items():
-        if isinstance(value, bool):
-            flags.append(f"--{prefix}{key}" if value else f"--{prefix}no-{key}")
-        else:
-            flags += [f"--{prefix}{key}", str(value)]
-    return flags
+                sweep.run_dir(f"group-{student}-{teacher}", seed), argv,
+                [dep for dep in needed if dep not in heads_runs], runs, [dep for dep in needed if dep in heads_runs])
 
 
 def data_flags(sweep: Sweep, seed: int) -> list[str]:
@@ -223,7 +219,7 @@ def levels(nodes: list[Node]) -> list[list[Node]]:
     """The nodes by depth, in build order within each: a node's level is one past the deepest node it needs."""
     depth: dict[Path, int] = {}  # by run folder
     for node in nodes:  # build_graph lists every node after the nodes it needs
-        level = 1 + max((depth[dep] for dep in node.deps), default=-1)
+        level = 1 + max((depth[dep] for dep in [*node.deps, *node.after]), default=-1)
         depth |= dict.fromkeys(node.runs, level)
     by_node = [depth[next(iter(node.runs))] for node in nodes]
     return [[node for node, d in zip(nodes, by_node, strict=True) if d == level] for level in range(max(by_node) + 1)]
@@ -242,7 +238,8 @@ def listing(nodes: list[Node]) -> str:
         needs = "that need no other run" if number == 1 else "each after the runs named at its end (of earlier levels)"
         lines.append(f"# level {number} of {len(graph)}: {len(level)} commands {needs}")
         for node in level:
-            after = f"  # after {' '.join(dep.name for dep in node.deps)}" if node.deps else ""
+            waits = [*node.deps, *node.after]
+            after = f"  # after {' '.join(dep.name for dep in waits)}" if waits else ""
             lines.append(shlex.join(node.argv) + after)
     return "\n".join(lines)
 

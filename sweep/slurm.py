@@ -72,6 +72,7 @@ def submit(nodes: list[Node], sweep: Sweep, options: SlurmOptions, log: Callable
         else:  # (a run some other job still trains is left to it: this job resumes after that one has ended)
             out.mkdir(parents=True, exist_ok=True)  # Slurm opens the logs before the job starts
             after = list(dict.fromkeys(run_jobs[dep] for dep in node.deps if dep not in done))
+            waiting += [run_jobs[dep] for dep in node.after if dep not in done and run_jobs[dep] not in waiting]
             comment = COMMENT_SEPARATOR.join(str(run.resolve()) for run in node.runs)
             flags = [f"--job-name={out.name}", f"--chdir={cwd}", f"--comment={comment}", f"--output={out}/log.txt",
                      f"--error={out}/stderr.txt", "--open-mode=append"]

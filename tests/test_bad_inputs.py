@@ -184,7 +184,7 @@ def test_seeds_are_what_torch_can_seed(capsys):
 
 
 def test_every_float_flag_refuses_values_that_are_not_finite(monkeypatch, capsys):
-    from test_execution import parsers_and_help
+    from helpers import parsers_and_help
 
     checked = set()
     for script, (parser, _) in parsers_and_help(monkeypatch, capsys).items():

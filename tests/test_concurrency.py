@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import ROOT, assert_clean_failure, run_script
 
+import test_dih
+import train_heads
 import train_teacher
 from runlock import RUN_LOCK, run_folder
 from utils import UserError
@@ -87,6 +89,37 @@ def test_a_run_folder_has_one_writer_and_a_killed_writer_lets_go(tiny_npz, tmp_p
     assert not (cut / RUN_LOCK).exists()
 
 
+HOLDER = """
+import pathlib, sys, time
+from runlock import run_folder
+
+with run_folder(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("script", [train_teacher, train_heads, test_dih], ids=lambda m: f"{m.__name__}.py")
+def test_each_stage_refuses_a_run_folder_that_another_process_holds(script, res8_teacher, micro_npz, tmp_path):
+    """Every stage script claims its folder before it loads any data: with another process holding it, the run is
+    refused, naming that process, and nothing in the folder changes."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = files(out)
+        data = ["--dataset", str(micro_npz), "--epochs", "1", *FAST, "--out_dir", str(out)]
+        teacher = ["--teacher", "res8", "--teacher_ckpt", str(res8_teacher)]
+        argv = {train_teacher: ["--model", "res8"], train_heads: teacher, test_dih: ["--method", "kd", *teacher]}
+        with pytest.raises(UserError, match=f"is in use by PID {holder.pid} on "):
+            script.main([*argv[script], *data])
+        assert files(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_one_process_holds_several_run_folders_but_each_once(tmp_path):
     """The lock's API for several runs in one process: one context per folder; a folder it created and left
     empty is removed again, one that holds files stays."""
@@ -153,8 +186,7 @@ for name, source in sources.items():
 def test_concurrent_first_runs_fetch_and_decode_a_dataset_once(tmp_path, counting_http_server):
     """Three processes on a fresh --data_dir: one download of each archive from the (slow) server, one decoding of
     Tiny-ImageNet, and the same arrays in all three."""
-    from test_data import make_fake_cifar
-    from test_tinyimagenet import make_archive, source_for
+    from helpers import make_archive, make_fake_cifar, source_for
 
     url, counts = counting_http_server
     cifar, _ = make_fake_cifar(tmp_path, "cifar10")  # written to tmp_path/serve, which the server serves

@@ -34,8 +34,7 @@ from conftest import (
     run_script,
     stop_after_first_epoch,
 )
-from test_fast_path import TOLERANCE, fast, reference, relative_error
-from test_wiring import build_stage
+from helpers import TOLERANCE, build_stage, fast, random_dataset, reference, relative_error
 
 import bench
 import cli
@@ -43,21 +42,13 @@ import engine
 import test_dih
 import train_heads
 import train_teacher
+from cuda_graphs import WARMUP_STEPS
 from data import train_batches
-from engine import (
-    WARMUP_STEPS,
-    TrainConfig,
-    fit,
-    make_optimizer,
-    make_train_step,
-    restore_random_state,
-    run_generators,
-    save_random_state,
-    trainable_parameters,
-)
+from engine import TrainConfig, fit, make_optimizer, make_train_step, trainable_parameters
 from heads import heads_for
 from methods import METHODS
 from models import build_model
+from random_streams import restore_random_state, run_generators, save_random_state
 
 DEVICE = torch.device(os.environ.get("DIH_TEST_DEVICE") or "cuda:0")
 GPU_ID = str(DEVICE)
@@ -132,7 +123,8 @@ def train(method: str, amp: bool = False, compile: bool = False, graphs: bool = 
     initial = weights(stage.model)
     out = Path(tempfile.mkdtemp(prefix=f"dih-cuda-{method}-"))
     torch.manual_seed(1)  # CRD's negatives, on this GPU's generator
-    fit(stage, stage.setup.data, config(amp=amp, compile=compile, cuda_graphs=graphs), out, {}, log=lambda line: None)
+    dataset = random_dataset(DEVICE, 53, 32)  # the images build_stage gave the stage
+    fit(stage, dataset, config(amp=amp, compile=compile, cuda_graphs=graphs), out, {}, log=lambda line: None)
     rows = [json.loads(line) for line in metrics_lines(out)]
     return rows, initial, weights(stage.model)
 
@@ -194,7 +186,8 @@ def losses_at_lr_zero(method: str, before_step, graphs: bool, steps: int = 5, **
     cfg = dataclasses.replace(config(cuda_graphs=graphs), lr=0.0)
     step = make_train_step(lambda b, shared: stage.training_loss(b),  # the teacher's pass inside the step (graph)
                            make_optimizer(trainable_parameters(stage.trainable), cfg), cfg)
-    batch = next(train_batches(stage.setup.data, BATCH, torch.Generator(device=DEVICE).manual_seed(0), True))
+    dataset = random_dataset(DEVICE, 53, 32)  # the images build_stage gave the stage
+    batch = next(train_batches(dataset, BATCH, torch.Generator(device=DEVICE).manual_seed(0), True))
     torch.manual_seed(1)
     losses = []
     for i in range(steps):
@@ -349,7 +342,7 @@ def test_three_stages_on_synthetic(tmp_path):
         inputs = [] if method == "ce" else ["--teacher", "res20", "--teacher_ckpt", str(teacher)]
         inputs += ["--heads_ckpt", str(tmp_path / "heads" / "heads.pt")] if method == "dih" else []
         summaries[method] = test_dih.main(["--method", method, "--student", "res8", *inputs, *common, "--out_dir",
-                                           str(tmp_path / method)])
+                                           str(tmp_path / method)])[method]
     for run, summary in summaries.items():
         assert summary["config"]["channels_last"], run
         assert summary["final_test_acc"] > 25.0, (run, summary["final_test_acc"])  # chance: 10%
@@ -370,7 +363,7 @@ def test_a_group_trains_what_its_students_alone_train(tiny_npz, tmp_path, mode):
     grouped = test_dih.main(["--method", *methods, *inputs,
                              *(flag for m in methods for flag in (f"--{m}.out_dir", str(tmp_path / "group" / m)))])
     for method in methods:
-        alone = test_dih.main(["--method", method, *inputs, "--out_dir", str(tmp_path / "alone" / method)])
+        alone = test_dih.main(["--method", method, *inputs, "--out_dir", str(tmp_path / "alone" / method)])[method]
         rows = [[json.loads(line) for line in (tmp_path / kind / method / "metrics.jsonl").read_text().splitlines()]
                 for kind in ("group", "alone")]
         assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-2)

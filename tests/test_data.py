@@ -3,7 +3,6 @@
 import dataclasses
 import hashlib
 import pickle
-import tarfile
 import urllib.parse
 import urllib.request
 from functools import partial
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_fake_cifar, md5_of
 
 import data
 from data import DataError, DeviceDataset
@@ -344,57 +344,10 @@ def test_unknown_dataset():
 # ---------------------------------------------------------------------------------------------- CIFAR
 
 
-def md5_of(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def write_batch(path: Path, x: np.ndarray, labels: dict[bytes, np.ndarray]) -> None:
-    """A pickled batch in CIFAR's layout: byte-string keys, data uint8 (N, 3072), labels as lists."""
-    entry = {b"batch_label": b"test batch", b"data": x.reshape(len(x), -1), b"filenames": [b"a.png"] * len(x)}
-    entry.update({key: value.tolist() for key, value in labels.items()})
-    with open(path, "wb") as f:
-        pickle.dump(entry, f, protocol=2)
 
 
-def make_fake_cifar(root: Path, spec: str) -> tuple[data.CifarSource, dict[str, np.ndarray]]:
-    """A tiny archive in the official format; returns a CifarSource pointing at it and the arrays written."""
-    official = data.CIFAR_SOURCES[spec]
-    rng = np.random.default_rng(len(spec))
-    folder = root / "build" / official.folder
-    folder.mkdir(parents=True)
-    splits: dict[str, list] = {"train": [], "test": []}
-    md5s: dict[str, list] = {"train": [], "test": []}
-    for split, files in (("train", official.train_files), ("test", official.test_files)):
-        for name, _ in files:
-            n = int(rng.integers(3, 7))
-            x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-            fine = rng.integers(0, official.num_classes, n)
-            if spec == "cifar10":
-                write_batch(folder / name, x, {b"labels": fine})
-            else:
-                write_batch(folder / name, x, {b"fine_labels": fine, b"coarse_labels": fine // 5})
-            splits[split].append((x, fine))
-            md5s[split].append((name, md5_of(folder / name)))
-    meta_name = "batches.meta" if spec == "cifar10" else "meta"
-    with open(folder / meta_name, "wb") as f:
-        pickle.dump({b"label_names": [b"c%d" % i for i in range(official.num_classes)]}, f, protocol=2)
-    archive = root / "serve" / official.archive
-    archive.parent.mkdir(exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname=official.folder)
-    source = dataclasses.replace(
-        official,
-        url=archive.as_uri(),
-        archive_md5=md5_of(archive),
-        train_files=tuple(md5s["train"]),
-        test_files=tuple(md5s["test"]),
-    )
-    expected = {
-        f"{kind}_{split}": np.concatenate([pair[i] for pair in splits[split]])
-        for split in ("train", "test")
-        for i, kind in enumerate("xy")
-    }
-    return source, expected
 
 
 def check_loaded(ds: DeviceDataset, spec: str, expected: dict[str, np.ndarray]) -> None:
@@ -460,26 +413,28 @@ def test_cifar_bad_archive_already_present(tmp_path):
     check_one_line(exc)
 
 
-def test_cifar_extracted_file_tampered(tmp_path):
-    source, _ = make_fake_cifar(tmp_path, "cifar10")
-    data_dir = tmp_path / "data"
-    data.load_dataset("cifar10", data_dir, CPU, source=source)
-    batch = data_dir / source.folder / "data_batch_3"
+def tamper(folder: Path, source: data.CifarSource) -> data.CifarSource:
+    """One byte of an extracted batch changed: its md5 no longer matches."""
+    batch = folder / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(DataError, match="data_batch_3 is missing or fails its md5 check") as exc:
-        data.load_dataset("cifar10", data_dir, CPU, source=source)
-    check_one_line(exc)
+    return source
 
 
-def test_cifar_unparsable_file(tmp_path):
-    """A file whose md5 matches the table but is not a CIFAR batch (here: a pickle of another class)."""
+def unparsable(folder: Path, source: data.CifarSource) -> data.CifarSource:
+    """A batch whose md5 matches the (changed) table but is not a CIFAR batch: a pickle of another class."""
+    batch = folder / "test_batch"
+    batch.write_bytes(pickle.dumps({b"data": dataclasses.field}))
+    return dataclasses.replace(source, test_files=(("test_batch", md5_of(batch)),))
+
+
+@pytest.mark.parametrize(("damage", "message"), [(tamper, "data_batch_3 is missing or fails its md5 check"),
+                                                 (unparsable, "could not parse .*test_batch")])
+def test_cifar_extracted_file_damaged(tmp_path, damage, message):
     source, _ = make_fake_cifar(tmp_path, "cifar10")
     data_dir = tmp_path / "data"
     data.load_dataset("cifar10", data_dir, CPU, source=source)
-    batch = data_dir / source.folder / "test_batch"
-    batch.write_bytes(pickle.dumps({b"data": dataclasses.field}))
-    source = dataclasses.replace(source, test_files=(("test_batch", md5_of(batch)),))
-    with pytest.raises(DataError, match="could not parse .*test_batch") as exc:
+    source = damage(data_dir / source.folder, source)
+    with pytest.raises(DataError, match=message) as exc:
         data.load_dataset("cifar10", data_dir, CPU, source=source)
     check_one_line(exc)
 

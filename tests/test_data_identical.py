@@ -15,7 +15,7 @@ import hashlib
 
 import pytest
 import torch
-from test_data import make_fake_cifar
+from helpers import make_fake_cifar
 
 import data
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_import import repdistiller_checkpoint
+from helpers import repdistiller_checkpoint
 
 import test_dih
 import train_teacher

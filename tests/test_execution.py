@@ -15,18 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, assert_clean_failure, run_script
+from helpers import FakeCuda, parsers_and_help
 from torch import nn
 
 import bench
 import cli
 import engine
-import reproduce
-import test_dih
-import train_heads
 import train_teacher
+from cuda_graphs import WARMUP_STEPS, GraphedStep
 from data import Batch
-from engine import WARMUP_STEPS, GraphedStep, TrainConfig, make_optimizer, make_train_step
-from utils import UserError, choose_execution, cpu_flags, native_bf16
+from engine import TrainConfig, make_optimizer, make_train_step
+from execution import choose_execution, cpu_flags, native_bf16
+from utils import UserError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
 
@@ -94,30 +94,6 @@ def test_native_bf16_needs_every_available_source_to_agree(tmp_path):
 # ----------------------------------------------------------------------------- CUDA graphs, faked
 
 
-class FakeCuda:
-    """Stands in for CUDA: warm-up runs the step eagerly; capture records it without running it (as CUDA does)
-    and returns a replay that runs it on the static batch, writing into the static outputs."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, no_logits: bool = False):
-        self.optimizer, self.no_logits = optimizer, no_logits
-        self.warmed: list[tuple[int, ...]] = []
-        self.captured: list[tuple[tuple[int, ...], float]] = []
-
-    def warm(self, step, inputs):
-        self.warmed.append(tuple(inputs[0].x.shape))
-        return step(*inputs)
-
-    def capture(self, step, static):
-        self.captured.append((tuple(static[0].x.shape), self.optimizer.param_groups[0]["lr"]))
-        outputs = (torch.zeros(()), None if self.no_logits else torch.zeros(()))
-
-        def replay():
-            loss, correct = step(*static)
-            outputs[0].copy_(loss)
-            if correct is not None:
-                outputs[1].copy_(correct)
-
-        return replay, outputs
 
 
 def tiny_setup(no_logits: bool = False):
@@ -233,19 +209,6 @@ def test_out_of_memory_is_one_line(tiny_npz, tmp_path, monkeypatch, capsys):
 # ------------------------------------------------------------------------------------------------ help
 
 
-def parsers_and_help(monkeypatch, capsys) -> dict[str, tuple[argparse.ArgumentParser, str]]:
-    """Each script's parser and its --help text, from the script's own main."""
-    seen: list[argparse.ArgumentParser] = []
-    real = argparse.ArgumentParser.format_help
-    monkeypatch.setattr(argparse.ArgumentParser, "format_help", lambda self: seen.append(self) or real(self))
-    out = {}
-    for name, main in [("train_teacher.py", train_teacher.main), ("train_heads.py", train_heads.main),
-                       ("test_dih.py", test_dih.main), ("reproduce.py", reproduce.main), ("bench.py", bench.main)]:
-        with pytest.raises(SystemExit) as exit_:
-            main(["--help"])
-        assert exit_.value.code == 0
-        out[name] = (seen[-1], capsys.readouterr().out)
-    return out
 
 
 def help_entries(text: str) -> dict[str, str]:

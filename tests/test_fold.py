@@ -142,8 +142,8 @@ def test_every_frozen_teacher_runs_folded(teacher_ckpt, tmp_path, monkeypatch):
     common = ["--teacher", "res8", "--teacher_ckpt", str(ckpt), "--dataset", str(npz), *FAST]
     for method in ("kd", "mhkd", "crd"):
         stage = built_stage(monkeypatch, test_dih, ["--method", method, *common, "--out_dir", str(tmp_path / method)])
-        assert count_batchnorms(stage.teacher) == 0, method
-        assert not any(p.requires_grad for p in stage.teacher.parameters())
+        assert count_batchnorms(stage.shared_pass.teacher) == 0, method
+        assert not any(p.requires_grad for p in stage.shared_pass.teacher.parameters())
 
     # Stage 2 trains on the folded copy and evaluates the teacher as it is: its classifier's accuracy is stage
     # 1's to the last image (SPEC), not up to rounding.

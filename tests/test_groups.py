@@ -17,10 +17,14 @@ from conftest import ROOT, assert_clean_failure, run_script
 import test_dih
 import train_heads
 import train_teacher
-from methods import TeacherPass
+from engine import GroupStep
+from methods import METHODS, Method
+from students import method_flags
 from utils import UserError
 
-EVERY = ["ce", "kd", "fitnets", "takd", "at", "crd", "tofd", "mhkd", "dih"]
+EVERY = list(METHODS)  # a new method joins every test here by being registered
+FAST = {"hint_epochs": 1, "nce_k": 16}  # hyper-parameters set small, for the methods that take them
+OWN = {"kd": {"alpha": 0.5}}  # a method's own value: --kd.alpha in the group
 COMMON = ["--student", "res8", "--gpu_id", "cpu", "--batch_size", "16", "--epochs", "2", "--schedule", "1"]
 VARY = ("seconds", "wall_time_s")  # how long it took: the only thing a grouped run may record differently
 
@@ -43,21 +47,37 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
             "heads": root / "heads" / "heads.pt", "ta": root / "ta" / "student.pt"}
 
 
+def method_inputs(method: Method, inputs: dict[str, Path]) -> dict[str, str]:
+    """The networks a method reads, by flag, as its `Method` record says: its kind of teacher, DIH's heads, TAKD's
+    assistant (all of res8's)."""
+    files = {"teacher": "res8", "teacher_ckpt": inputs["tofd" if method.teacher == "tofd" else "teacher"],
+             "heads_ckpt": inputs["heads"], "ta": "res14", "ta_ckpt": inputs["ta"]}
+    return {flag: str(files[flag]) for flag in method.inputs}
+
+
+def own_values(method: Method) -> dict:
+    """The hyper-parameters a method's runs here are given: the small ones it takes, and its own."""
+    return {**{key: value for key, value in FAST.items() if key in method.defaults}, **OWN.get(method.name, {})}
+
+
 def solo_flags(method: str, inputs: dict[str, Path]) -> list[str]:
-    """What each method's own run is given (KD with its own alpha, small CRD and FitNets settings)."""
-    teacher = ["--teacher", "res8", "--teacher_ckpt", str(inputs["teacher"])]
-    return {"ce": [], "kd": [*teacher, "--alpha", "0.5"], "fitnets": [*teacher, "--hint_epochs", "1"],
-            "takd": [*teacher, "--ta", "res14", "--ta_ckpt", str(inputs["ta"])], "at": teacher,
-            "crd": [*teacher, "--nce_k", "16"], "tofd": ["--teacher", "res8", "--teacher_ckpt", str(inputs["tofd"])],
-            "mhkd": teacher, "dih": [*teacher, "--heads_ckpt", str(inputs["heads"])]}[method]
+    """What each method's own run is given."""
+    spec = METHODS[method]
+    return method_flags({**method_inputs(spec, inputs), **own_values(spec)})
 
 
 def group_flags(inputs: dict[str, Path]) -> list[str]:
-    """The same values for all nine at once: shared flags apply to every method that takes them, --kd.alpha and
-    --tofd.teacher_ckpt to one."""
-    return ["--teacher", "res8", "--teacher_ckpt", str(inputs["teacher"]), "--tofd.teacher_ckpt", str(inputs["tofd"]),
-            "--heads_ckpt", str(inputs["heads"]), "--ta", "res14", "--ta_ckpt", str(inputs["ta"]), "--kd.alpha", "0.5",
-            "--hint_epochs", "1", "--nce_k", "16", "--dataset", str(inputs["npz"]), *COMMON]
+    """The same values for every method at once: the plain teacher's inputs and the small values shared, each
+    to every method that takes it; a value one method has apart (its own teacher, --kd.alpha) as --METHOD.FLAG."""
+    plain = next(m for m in METHODS.values() if m.teacher == "plain")
+    shared = {**method_inputs(plain, inputs), "heads_ckpt": str(inputs["heads"]), "ta": "res14",
+              "ta_ckpt": str(inputs["ta"]), **FAST}
+    flags = method_flags(shared)
+    for spec in METHODS.values():
+        apart = {flag: value for flag, value in {**method_inputs(spec, inputs), **OWN.get(spec.name, {})}.items()
+                 if shared.get(flag) != value}
+        flags += method_flags(apart, spec.name)
+    return [*flags, "--dataset", str(inputs["npz"]), *COMMON]
 
 
 @pytest.fixture(scope="module")
@@ -105,21 +125,43 @@ def assert_same_run(solo_dir: Path, group_dir: Path, vary: tuple[str, ...] = VAR
         assert_same(a, b, f"{group_dir.name}/{name}", vary)
 
 
+def count_teacher_forwards(monkeypatch) -> list[tuple[set[int], Counter[int]]]:
+    """Per batch of the group: the teachers its runs read (by id), and how often each network ran forward (a hook
+    on its stem, which every pass through it runs, whoever calls it)."""
+    batches: list[tuple[set[int], Counter[int]]] = []
+    real_step = GroupStep.__call__
+
+    def counted(self, runs, batch):
+        read = {id(run.stage.shared_pass.teacher): run.stage.shared_pass.teacher for run in runs if run.phase.needs}
+        forwards: Counter[int] = Counter()
+        hooks = [teacher.stem.register_forward_hook(lambda *_, key=key: forwards.update([key]))
+                 for key, teacher in read.items()]
+        try:
+            return real_step(self, runs, batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            batches.append((set(read), forwards))
+
+    monkeypatch.setattr(GroupStep, "__call__", counted)
+    return batches
+
+
 def test_every_method_in_one_group_command_is_bit_identical_to_its_own_run(inputs, solo, tmp_path, monkeypatch,
                                                                           capsys):
-    """All nine methods in one command: one teacher pass for the six the teacher itself teaches, TOFD's and TAKD's
-    teachers each their own, CE none; every folder (name and files) is the solo run's."""
+    """Every method in one command: each teacher network runs once per batch for all the students it teaches (the
+    plain teacher's, TOFD's, TAKD's assistant), whatever their method; CE has none; every folder (name and files)
+    is the solo run's."""
     monkeypatch.chdir(tmp_path)
-    passes: Counter[int] = Counter()
-    real_pass = TeacherPass.__call__
-    monkeypatch.setattr(TeacherPass, "__call__", lambda self, *a: passes.update([id(self)]) or real_pass(self, *a))
+    batches = count_teacher_forwards(monkeypatch)
     summaries = test_dih.main(["--method", *EVERY, *group_flags(inputs)])
-    # Two batches an epoch: TAKD's and TOFD's teachers ran once per batch for 2 epochs, the shared teacher once per
-    # batch for its six students' 2 epochs and FitNets' third (its hint epoch came first).
-    assert sorted(passes.values()) == [4, 4, 6]
+    assert batches and all(forwards == Counter(read) for read, forwards in batches)  # once per batch, each
+    teachers = {(m.teacher, m.assistant) for m in METHODS.values() if m.teacher != "none"}
+    assert len(set().union(*(read for read, _ in batches))) == len(teachers)
+    plain = " ".join(m.name for m in METHODS.values() if m.teacher == "plain" and not m.assistant)
     out = capsys.readouterr().out
-    assert "9 students in 4 group(s)" in out
-    assert "  kd fitnets at crd mhkd dih <- teacher res8 (" in out and "  takd <- assistant res14 (" in out
+    assert f"{len(METHODS)} students in {len(teachers) + 1} group(s)" in out
+    assert f"  {plain} <- teacher res8 (" in out and "  takd <- assistant res14 (" in out
     assert "  tofd <- teacher res8 (" in out and "  ce: no teacher" in out
     assert [summaries[m]["alpha"] for m in ("kd", "dih", "at")] == [0.5, 0.1, 0.0]  # --kd.alpha for KD alone
     grouped = tmp_path / "runs" / "px16"
@@ -219,3 +261,61 @@ def test_two_students_in_one_folder_are_refused_in_one_line(inputs, tmp_path):
                         str(inputs["npz"]), "--gpu_id", "cpu", cwd=tmp_path)
     assert_clean_failure(result, "two students would write into", "same")
     assert not (tmp_path / "same").exists()
+
+
+def test_missing_dih_heads_hold_back_no_other_student_of_the_group(inputs, tmp_path, monkeypatch, capsys):
+    """A failed heads run holds back DIH alone: KD and AT train, DIH is reported as not trained in one line, and the
+    command fails, naming it, once they are done."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", "kd", "dih", "at", "--teacher", "res8", "--teacher_ckpt", str(inputs["teacher"]),
+            "--heads_ckpt", str(tmp_path / "heads" / "heads.pt"), "--dataset", str(inputs["npz"]), *COMMON]
+    with pytest.raises(UserError, match="^dih not trained: its heads are missing .*; trained: kd, at$"):
+        test_dih.main([*argv, "--epochs", "1"])
+    assert "dih student res8: not trained: its heads " in capsys.readouterr().out
+    runs = tmp_path / "runs" / "px16"
+    assert sorted(p.parent.name.split("-")[2] for p in runs.glob("*/summary.json")) == ["at", "kd"]
+    assert not any(runs.glob("*-dih-*"))  # its folder, made only to be locked, is gone again
+
+
+def test_dih_heads_that_arrive_while_the_others_train_teach_it_afterwards(inputs, solo, tmp_path, monkeypatch):
+    """Heads still training when the group starts (their file appears while KD trains): DIH trains after KD, alone,
+    to the very weights of its own run."""
+    import students
+
+    monkeypatch.chdir(tmp_path)
+    heads = tmp_path / "heads" / "heads.pt"
+    real = students.fit_groups
+
+    def then_the_heads_arrive(*args, **kwargs):
+        summaries = real(*args, **kwargs)
+        heads.parent.mkdir(exist_ok=True)
+        heads.write_bytes(inputs["heads"].read_bytes())
+        return summaries
+
+    monkeypatch.setattr(students, "fit_groups", then_the_heads_arrive)
+    summaries = test_dih.main(["--method", "kd", "dih", "--teacher", "res8", "--teacher_ckpt", str(inputs["teacher"]),
+                               "--heads_ckpt", str(heads), "--kd.alpha", "0.5", "--dataset", str(inputs["npz"]),
+                               *COMMON])
+    assert list(summaries) == ["kd", "dih"]
+    for method in summaries:
+        folder = next(solo.glob(f"*-{method}-*")).name
+        a, b = (torch.load(root / folder / "student.pt", weights_only=True)["state_dict"]
+                for root in (solo, tmp_path / "runs" / "px16"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
+
+
+def test_a_sweeps_group_comes_after_dihs_heads_without_needing_them():
+    """In a sweep's graph the group of a teacher run's students needs the teacher only; it comes after DIH's heads
+    run (so that, finished, they teach DIH in the group) but is not skipped when that run fails."""
+    import reproduce
+    from sweep.graph import build_graph
+    from sweep.grid import make_sweep
+
+    sweep = make_sweep(reproduce.build_parser().parse_args(["--preset", "paper-cifar100", "--methods", "kd", "dih"]))
+    groups = [node for node in build_graph(sweep) if len(node.runs) > 1]
+    assert groups
+    for node in groups:
+        heads = Path(node.argv[node.argv.index("--heads_ckpt") + 1]).parent
+        assert node.after == [heads] and heads not in node.deps
+        teacher = node.argv[node.argv.index("--teacher") + 1]
+        assert [dep.name.split("-seed")[0] for dep in node.deps] == [f"teacher-{teacher}"]

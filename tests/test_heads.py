@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import model_and_images
 
 from heads import MHKDHead, heads_for, mhkd_heads_for, tofd_aux_for
 from heads.mhkd import paddings
@@ -24,9 +25,7 @@ def num_params(module: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("name", TABLE1)
 def test_every_head_kind_builds_and_classifies(name):
-    torch.manual_seed(0)
-    model = build_model(name, 10).eval()
-    x = torch.randn(2, 3, 32, 32)
+    model, x = model_and_images(name)
     with torch.no_grad():
         taps = model.forward_features(x).taps
         shapes = model.tap_shapes()

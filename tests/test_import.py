@@ -19,6 +19,7 @@ from foreign_layouts import (
     repdistiller_shapes,
     without_buffers_named,
 )
+from helpers import repdistiller_checkpoint
 
 import train_teacher
 from checkpoint import load_checkpoint, model_fingerprint
@@ -26,16 +27,6 @@ from data import load_dataset, test_batches
 from importing import map_state, read_foreign
 from models import REPDISTILLER_NAMES, build_model
 from utils import UserError
-
-
-def repdistiller_checkpoint(path: Path, theirs: str, classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A `ckpt_epoch_240.pth` as RepDistiller's train_teacher.py writes it: its accuracy a tensor, an optimizer
-    state beside the weights. Returns the weights."""
-    state = random_state(repdistiller_shapes(theirs, classes), seed)
-    momentum = {0: {"momentum_buffer": torch.zeros(3)}}
-    optimizer = {"state": momentum, "param_groups": [{"lr": 5e-4, "momentum": 0.9, "nesterov": False, "params": [0]}]}
-    torch.save({"epoch": 240, "model": state, "accuracy": torch.tensor(72.34), "optimizer": optimizer}, path)
-    return state
 
 
 def imported(ours: str, path: Path, classes: int) -> torch.nn.Module:

@@ -8,7 +8,7 @@ import json
 import shlex
 
 import pytest
-from test_import import repdistiller_checkpoint
+from helpers import repdistiller_checkpoint
 
 import reproduce
 from data import make_synthetic, save_npz

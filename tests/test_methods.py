@@ -199,7 +199,7 @@ def learnable(tmp_path_factory) -> dict[str, Path]:
 def student(learnable: dict[str, Path], method: str, out: Path, *extra: str) -> dict:
     return test_dih.main(["--method", method, "--student", "res8", "--teacher", "res8", "--teacher_ckpt",
                           str(learnable["teacher"]), "--dataset", str(learnable["npz"]), "--epochs", "3",
-                          "--lr", "0.05", "--schedule", "2", "--out_dir", str(out), *FAST, *extra])
+                          "--lr", "0.05", "--schedule", "2", "--out_dir", str(out), *FAST, *extra])[method]
 
 
 @pytest.mark.parametrize(("method", "extra"), [("fitnets", ["--hint_epochs", "1"]), ("at", []),
@@ -265,7 +265,7 @@ def test_any_student_serves_as_a_teacher(learnable, tmp_path):
                       "--epochs", "1", "--out_dir", str(tmp_path / "h"), *FAST])
     summary = test_dih.main(["--method", "dih", "--teacher", "res8", "--teacher_ckpt", as_teacher, "--heads_ckpt",
                              str(tmp_path / "h" / "heads.pt"), "--dataset", str(learnable["npz"]), "--epochs", "1",
-                             "--out_dir", str(tmp_path / "s2"), *FAST])
+                             "--out_dir", str(tmp_path / "s2"), *FAST])["dih"]
     assert summary["teacher_fingerprint"] == torch.load(as_teacher, weights_only=True)["fingerprint"]
 
 

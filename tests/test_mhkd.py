@@ -116,7 +116,7 @@ def test_cli_run_resume_and_refusals(tmp_path, monkeypatch, capsys):
     def student(out: str, *flags: str) -> dict:
         return test_dih.main(["--method", "mhkd", "--teacher", "res8", "--teacher_ckpt",
                               str(tmp_path / "t" / "teacher.pt"), "--epochs", "2", "--out_dir", str(tmp_path / out),
-                              *common, *flags])
+                              *common, *flags])["mhkd"]
 
     summary = student("whole", "--detach")
     assert summary["method"] == "mhkd" and summary["detach"] is True

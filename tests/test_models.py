@@ -3,6 +3,7 @@
 import pytest
 import torch
 from foreign_layouts import parameter_count, repdistiller_shapes
+from helpers import model_and_images
 
 from models import MODEL_NAMES, REPDISTILLER_NAMES, TapModel, build_model
 
@@ -146,9 +147,7 @@ def test_tap_shapes_keeps_mixed_train_eval_flags():
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_channels_last_and_autocast(name):
-    torch.manual_seed(0)
-    model = build_model(name, 10).eval()
-    x = torch.randn(2, 3, 32, 32)
+    model, x = model_and_images(name)
     with torch.no_grad():
         reference = model(x)
         model = model.to(memory_format=torch.channels_last)

@@ -99,7 +99,7 @@ def test_students_of_each_method(trained, tiny_npz, tmp_path, method):
     inputs = {"ce": [], "kd": ["--teacher", "res8", "--teacher_ckpt", str(trained["teacher"])]}
     inputs["dih"] = [*inputs["kd"], "--heads_ckpt", str(trained["heads"])]
     summary = test_dih.main(["--method", method, "--student", "res8", *inputs[method], "--dataset",
-                             str(tiny_npz), "--epochs", "1", "--out_dir", str(tmp_path), *FAST])
+                             str(tiny_npz), "--epochs", "1", "--out_dir", str(tmp_path), *FAST])[method]
     assert summary["stage"] == "student" and summary["method"] == method and summary["model"] == "res8"
     assert summary["teacher"] == (None if method == "ce" else "res8")
     assert summary["alpha"] == (0.0 if method == "ce" else 0.1)
@@ -251,7 +251,7 @@ def test_64px_npz_through_the_three_stages(npz64, trained, tmp_path):
     assert saved["taps"] == [["layer1", [16, 64, 64]], ["layer2", [32, 32, 32]], ["layer3", [64, 16, 16]]]
     summary = test_dih.main(["--teacher", "res8", "--teacher_ckpt", str(tmp_path / "teacher" / "teacher.pt"),
                              "--heads_ckpt", str(tmp_path / "heads" / "heads.pt"), "--dataset", str(npz64),
-                             "--epochs", "1", "--out_dir", str(tmp_path / "student"), *FAST])
+                             "--epochs", "1", "--out_dir", str(tmp_path / "student"), *FAST])["dih"]
     assert summary["method"] == "dih"
     for kind in ("teacher", "heads", "student"):
         assert torch.load(tmp_path / kind / f"{kind}.pt", weights_only=True)["image_size"] == 64

@@ -14,12 +14,14 @@ import shutil
 
 import pytest
 import torch
-from test_execution import FakeCuda
+from helpers import FakeCuda
 
 import engine
+from cuda_graphs import WARMUP_STEPS, GraphedStep
 from data import from_arrays, make_synthetic
-from engine import RESEED_STRIDE, GraphedStep, TrainConfig, fit, restore_random_state, run_generators, save_random_state
+from engine import TrainConfig, fit
 from models import build_model
+from random_streams import restore_random_state, run_generators, save_random_state
 from stages import TeacherTraining
 
 CUDA_STATE_BYTES = 16  # int64 seed, int64 offset
@@ -172,12 +174,30 @@ def test_a_gpu_runs_last_pt_resumes_on_the_cpu_with_one_notice(tmp_path, writer)
     train(tmp_path / "again", data, resume=True)
     a, b = (torch.load(p / "teacher.pt", weights_only=True)["state_dict"] for p in (cut, tmp_path / "again"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert RESEED_STRIDE > 1  # (reseed = --seed + RESEED_STRIDE x epochs done: one stream per epoch resumed at)
 
 
-# ----------------------------------------------------------------------- CUDA-graph counts, recorded
+def test_a_reseeded_stream_does_not_replay_the_first_epoch(tmp_path, monkeypatch):
+    """The stream reseeded when a run moves between a GPU and the CPU starts from --seed and the epochs done, never
+    from --seed alone: that is the stream the run started from, and epoch 2 would draw epoch 1's batches again (the
+    same order, crops and flips)."""
+    orders: list[list[list[int]]] = []
+    real = engine.train_batches
 
+    def recorded(*args, **kwargs):
+        orders.append([])
+        for batch in real(*args, **kwargs):
+            orders[-1].append(batch.index.tolist())
+            yield batch
 
+    monkeypatch.setattr(engine, "train_batches", recorded)
+    data = tiny_data()
+    train(tmp_path, data, cfg=config(epochs=1))
+    (tmp_path / "summary.json").unlink()  # as if killed after epoch 1 of 2, on a GPU
+    as_a_cuda_run_writes_it(tmp_path / "last.pt", "cuda:0")
+    _, lines = train(tmp_path, data, resume=True)
+    assert any("reseeded" in line for line in lines)
+    first, resumed = orders
+    assert len(first) == len(resumed) == 3 and resumed != first
 
 
 # ----------------------------------------------------------------------- CUDA-graph counts, recorded
@@ -195,7 +215,7 @@ def test_fit_records_warmups_captures_and_replays_per_epoch_and_in_the_summary(t
     monkeypatch.setattr(engine, "GraphedStep", Faked)
     summary, _ = train(tmp_path, tiny_data(), cfg=config(cuda_graphs=True))
     rows = [json.loads(line)["cuda_graphs"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert engine.WARMUP_STEPS == 2
+    assert WARMUP_STEPS == 2
     # Epoch 1, shapes 16, 16, 8: warm, warm, warm. Epoch 2 (new LR): capture and replay, replay, warm.
     assert rows == [{"steps": 3, "warmups": 3, "captures": 0, "replays": 0},
                     {"steps": 3, "warmups": 1, "captures": 1, "replays": 2}]

@@ -65,7 +65,7 @@ def test_resume_refuses_a_network_changed_on_disk(networks, micro_npz, tmp_path,
             "--out_dir", str(tmp_path / "run"), *FAST, flag, str(file)]
     argv += [] if role == "teacher" else ["--teacher_ckpt", str(networks["teacher"])]
     argv += ["--ta", "res14"] if role == "assistant" else []
-    summary = test_dih.main(argv)
+    summary = test_dih.main(argv)[method]
     recorded = {"teacher": "teacher_fingerprint", "heads": "heads_fingerprint", "assistant": "ta_fingerprint"}[role]
     assert summary[recorded] == torch.load(file, weights_only=True)["fingerprint"]
     interrupted(tmp_path / "run")
@@ -74,7 +74,7 @@ def test_resume_refuses_a_network_changed_on_disk(networks, micro_npz, tmp_path,
                                         "fingerprint [0-9a-f]+ then, [0-9a-f]+ now; retrained in place\\?\\)"):
         test_dih.main([*argv, "--resume"])
     shutil.copy(networks[role], file)
-    resumed = test_dih.main([*argv, "--resume"])  # the original file resumes
+    resumed = test_dih.main([*argv, "--resume"])[method]  # the original file resumes
     assert {**resumed, "wall_time_s": 0} == {**summary, "wall_time_s": 0}
 
 

@@ -87,7 +87,7 @@ def test_the_demo_sweep_on_slurm_keeps_the_order_gives_the_local_table_and_resub
         log = (node.out_dir / "log.txt").read_text()
         assert jobs[node.out_dir]["JobState"] == "COMPLETED", log + (node.out_dir / "stderr.txt").read_text()
         assert f"(Slurm job {first.jobs[node.out_dir]} on " in log.splitlines()[0]
-        for dep in node.deps:  # afterok held: each job started once the runs it needs had ended
+        for dep in [*node.deps, *node.after]:  # afterok and afterany held: started once the runs before it ended
             needed = next(other for other in first.nodes if dep in other.runs)
             assert ended(jobs[needed.out_dir]) <= started(jobs[node.out_dir]), f"{node.label} started before {dep.name}"
     report = job(first.report_job)

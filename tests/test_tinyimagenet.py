@@ -1,19 +1,15 @@
 """Tiny-ImageNet, offline: small archives in the official layout (generated JPEGs, some grayscale)."""
 
 import dataclasses
-import hashlib
-import io
 import shutil
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_failure, run_script
-from PIL import Image
-from torchvision.io import encode_jpeg
+from helpers import ANNOTATIONS, OFFICIAL, TINY_ROOT, WNIDS, jpeg, make_archive, source_for
 
 import data
 import train_teacher
@@ -22,64 +18,12 @@ from data import DataError, cache
 # torchvision 0.29 deprecates its JPEG codecs in favour of TorchCodec; they are still the ones SPEC names.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 CPU = torch.device("cpu")
-OFFICIAL = data.TINYIMAGENET
-ROOT = "tiny-imagenet-200"
-WNIDS = ["n09999999", "n01000001", "n05555555"]  # wnids.txt is not sorted; labels follow the sorted order
-LABEL = {wnid: i for i, wnid in enumerate(sorted(WNIDS))}
-ANNOTATIONS = f"{ROOT}/val/val_annotations.txt"
 
 
-def jpeg(rng: np.random.Generator, size: int = 64, gray: bool = False) -> bytes:
-    """A JPEG of random 8x8-pixel blocks, single-channel if `gray` (as some Tiny-ImageNet files are)."""
-    blocks = torch.from_numpy(rng.integers(0, 256, (1 if gray else 3, size // 8, size // 8), dtype=np.uint8))
-    image = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2).contiguous()
-    return encode_jpeg(image, quality=90).numpy().tobytes()
 
 
-def pil_rgb(raw: bytes) -> np.ndarray:
-    """PIL's decoding with .convert("RGB") (what the authors' ImageFolder did), as CHW."""
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).transpose(2, 0, 1)
 
 
-def make_archive(path: Path, seed: int = 0, drop: tuple[str, ...] = (), extra: dict | None = None) -> dict:
-    """Write a zip in Tiny-ImageNet's layout (members shuffled); return the arrays a correct loader yields.
-
-    `drop` leaves members out and `extra` adds or replaces members, to make broken archives.
-    """
-    rng = np.random.default_rng(seed)
-    members: dict[str, str | bytes] = {f"{ROOT}/wnids.txt": "\n".join(WNIDS) + "\n",
-                                       f"{ROOT}/words.txt": "".join(f"{w}\tthing {w}\n" for w in WNIDS)}
-    train = {}
-    for wnid in WNIDS:
-        for i in range(3):
-            train[f"{ROOT}/train/{wnid}/images/{wnid}_{i}.JPEG"] = jpeg(rng, gray=i == 1)
-        members[f"{ROOT}/train/{wnid}/{wnid}_boxes.txt"] = "".join(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(3))
-    val = [(f"val_{j}.JPEG", WNIDS[j % 3], jpeg(rng, gray=j == 2)) for j in range(6)]
-    members.update({f"{ROOT}/val/images/{name}": raw for name, _, raw in val})
-    members[ANNOTATIONS] = "".join(f"{name}\t{wnid}\t1\t2\t60\t61\n" for name, wnid, _ in val)
-    members[f"{ROOT}/test/images/test_0.JPEG"] = jpeg(rng)
-    members |= train
-    members |= extra or {}
-    names = [name for name in members if name not in drop]
-    rng.shuffle(names)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in names:
-            zf.writestr(name, members[name])
-    ordered = sorted(train, key=lambda name: (LABEL[name.split("/")[2]], name))
-    return {
-        "x_train": np.stack([pil_rgb(train[name]) for name in ordered]),
-        "y_train": np.array([LABEL[name.split("/")[2]] for name in ordered]),
-        "x_test": np.stack([pil_rgb(raw) for _, _, raw in val]),
-        "y_test": np.array([LABEL[wnid] for _, wnid, _ in val]),
-    }
-
-
-def source_for(archive: Path, url: str | None = None) -> data.TinyImageNetSource:
-    """The official description, pointed at a local archive: its URL, md5 and size."""
-    raw = archive.read_bytes()
-    return dataclasses.replace(OFFICIAL, url=url or archive.as_uri(), archive_md5=hashlib.md5(raw).hexdigest(),
-                               archive_size=len(raw))
 
 
 def check(ds: data.DeviceDataset, expected: dict) -> None:
@@ -213,14 +157,15 @@ with warnings.catch_warnings():  # built at collection, before pytestmark applie
 BROKEN = {
     "corrupt zip": ({}, "is corrupt"),
     "no val_annotations.txt": ({"drop": (ANNOTATIONS,)}, f"has no {ANNOTATIONS}: not a Tiny-ImageNet archive"),
-    "no wnids.txt": ({"drop": (f"{ROOT}/wnids.txt",)}, f"has no {ROOT}/wnids.txt"),
+    "no wnids.txt": ({"drop": (f"{TINY_ROOT}/wnids.txt",)}, f"has no {TINY_ROOT}/wnids.txt"),
     "unknown wnid": ({"extra": {ANNOTATIONS: "val_0.JPEG\tn00000000\t0\t0\t1\t1\n"}}, f"line 1 of {ANNOTATIONS}"),
-    "val image absent": ({"drop": (f"{ROOT}/val/images/val_3.JPEG",)}, "val_3.JPEG is labelled in"),
-    "class without images": ({"extra": {f"{ROOT}/wnids.txt": "\n".join([*WNIDS, "n02222222"])}},
+    "val image absent": ({"drop": (f"{TINY_ROOT}/val/images/val_3.JPEG",)}, "val_3.JPEG is labelled in"),
+    "class without images": ({"extra": {f"{TINY_ROOT}/wnids.txt": "\n".join([*WNIDS, "n02222222"])}},
                              "no training images for class n02222222"),
-    "image too small": ({"extra": {f"{ROOT}/train/{WNIDS[0]}/images/x.JPEG": SMALL_JPEG}},
+    "image too small": ({"extra": {f"{TINY_ROOT}/train/{WNIDS[0]}/images/x.JPEG": SMALL_JPEG}},
                         "x.JPEG is 32x32 pixels, expected 64x64"),
-    "not a JPEG": ({"extra": {f"{ROOT}/train/{WNIDS[0]}/images/x.JPEG": b"GIF89a"}}, "x.JPEG is not a readable JPEG"),
+    "not a JPEG": ({"extra": {f"{TINY_ROOT}/train/{WNIDS[0]}/images/x.JPEG": b"GIF89a"}},
+                   "x.JPEG is not a readable JPEG"),
 }
 
 

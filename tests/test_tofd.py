@@ -150,7 +150,7 @@ def test_tofd_teacher_is_the_plain_model_with_its_classifiers_apart(tofd_teacher
 
 def student(npz: Path, out: Path, *flags: str) -> dict:
     return test_dih.main(["--method", "tofd", "--teacher", "res8", "--dataset", str(npz), "--epochs", "1",
-                          "--out_dir", str(out), *FAST, *flags])
+                          "--out_dir", str(out), *FAST, *flags])["tofd"]
 
 
 def test_student_checkpoint_is_the_plain_student(tofd_teachers, tiny_npz, tmp_path):
@@ -163,7 +163,7 @@ def test_student_checkpoint_is_the_plain_student(tofd_teachers, tiny_npz, tmp_pa
     assert {key.split(".")[0] for key in extras["state_dict"]} == {"aux", "links"}
     # A plain method takes a TOFD teacher.pt for the plain model it holds.
     kd = test_dih.main(["--method", "kd", "--teacher", "res8", "--teacher_ckpt", str(tofd_teachers["a"]),
-                        "--dataset", str(tiny_npz), "--epochs", "1", "--out_dir", str(tmp_path / "kd"), *FAST])
+                        "--dataset", str(tiny_npz), "--epochs", "1", "--out_dir", str(tmp_path / "kd"), *FAST])["kd"]
     assert kd["teacher_fingerprint"] == summary["teacher_fingerprint"]
 
 
@@ -230,5 +230,5 @@ def test_tofd_learns(learnable_npz, tmp_path):
     train_teacher.main(["--model", "res8", "--tofd", "--epochs", "1", "--out_dir", str(tmp_path / "t"), *common])
     summary = test_dih.main(["--method", "tofd", "--teacher", "res8", "--teacher_ckpt",
                              str(tmp_path / "t" / "teacher.pt"), "--epochs", "2", "--out_dir", str(tmp_path / "s"),
-                             *common])
+                             *common])["tofd"]
     assert summary["final_test_acc"] > 40.0  # chance: 10%
