@@ -6,21 +6,23 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-import bench
+import benchmarks.main as bench_cli
+from benchmarks.harness import Plan, device_name
+from benchmarks.measures import Workload, ablation, compare
 
 from .common import Context
 
 
-def bench_workload(ctx: Context) -> bench.Workload:
+def bench_workload(ctx: Context) -> Workload:
     """bench.py's workload at its defaults on the GPU (res110 -> res8, 100 classes, batch 64), tiny in the dry run."""
-    device, cfg = bench.engine_config(bench.parse_args(["--gpu_id", ctx.gpu_id]))
+    device, cfg = bench_cli.engine_config(bench_cli.parse_args(["--gpu_id", ctx.gpu_id]))
     if ctx.gpu:
-        return bench.Workload.build("res110", "res8", 100, cfg, device, bench.Plan(5, 20, 5))
+        return Workload.build("res110", "res8", 100, cfg, device, Plan(5, 20, 5))
     cfg = dataclasses.replace(cfg, batch_size=16)
-    return bench.Workload.build("res8", "res8", 10, cfg, device, bench.Plan(0, 1, 1))
+    return Workload.build("res8", "res8", 10, cfg, device, Plan(0, 1, 1))
 
 
-def bench_rows(ctx: Context, stages: list[str], ablation: bool) -> Iterator[dict[str, Any]]:
+def bench_rows(ctx: Context, stages: list[str], with_ablation: bool) -> Iterator[dict[str, Any]]:
     """Each stage against the conventional pipeline with the defaults, then (GPU) with --compile graphs; then the
     ablation. A row as each measurement ends."""
     work = bench_workload(ctx)
@@ -30,17 +32,17 @@ def bench_rows(ctx: Context, stages: list[str], ablation: bool) -> Iterator[dict
                                                                                                cuda_graphs=True))))
     for stage in stages:
         for variant, workload in variants:
-            for result in bench.compare(workload, [stage]):
-                yield {"variant": variant, **result, "ok": result["loss_check"]["ok"], "device": bench.device_name(
+            for result in compare(workload, [stage]):
+                yield {"variant": variant, **result, "ok": result["loss_check"]["ok"], "device": device_name(
                     work.device), "plan": dataclasses.asdict(work.plan)}
-    if ablation and ctx.gpu:
-        for row in bench.ablation(work, stages):
+    if with_ablation and ctx.gpu:
+        for row in ablation(work, stages):
             yield {"ablation": row["optimisation"], **row}
 
 
 def bench_dih(ctx: Context) -> Iterator[dict[str, Any]]:
-    yield from bench_rows(ctx, ["dih"], ablation=True)
+    yield from bench_rows(ctx, ["dih"], with_ablation=True)
 
 
 def bench_teacher(ctx: Context) -> Iterator[dict[str, Any]]:
-    yield from bench_rows(ctx, ["teacher", "heads"], ablation=False)
+    yield from bench_rows(ctx, ["teacher", "heads"], with_ablation=False)

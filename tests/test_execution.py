@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import ROOT, assert_clean_failure, run_script
 from torch import nn
 
-import bench
+import benchmarks.main as bench
 import cli
 import engine
 import reproduce

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from conftest import run_script
 from torch import Tensor
 
-import bench
+import benchmarks.main as bench_cli
+from benchmarks import harness, measures
 from data import Batch
 from engine import TrainConfig
+from methods import METHODS
 
 NUM_CLASSES, BATCH = 10, 16
 CPU = torch.device("cpu")
@@ -33,9 +35,9 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def models() -> bench.Models:
+def models() -> harness.Models:
     """A small random-init teacher (BN-calibrated), its three heads and a student."""
-    return bench.make_models("res8", "res8", NUM_CLASSES)
+    return harness.make_models("res8", "res8", NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +52,16 @@ def config(**overrides: bool) -> TrainConfig:
                        gamma=0.1, seed=0, **overrides)
 
 
-def fast(kind: str, models: bench.Models, x: Tensor, y: Tensor, cfg: TrainConfig,
+def fast(kind: str, models: harness.Models, x: Tensor, y: Tensor, cfg: TrainConfig,
          device: torch.device = CPU) -> tuple[float, dict[str, Tensor]]:
     """Loss and gradients from the project's step for stage `kind` (a run alone: its teacher pass, its step)."""
-    stage = bench.fast_stage(kind, models, cfg, device)
+    stage = harness.fast_stage(kind, models, cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    loss = bench.fast_step(stage, cfg)(x.to(device).contiguous(memory_format=memory_format), y.to(device))
+    loss = harness.engine_step(stage, cfg)(x.to(device).contiguous(memory_format=memory_format), y.to(device))
     return loss.item(), {name: p.grad for name, p in stage.model.named_parameters()}
 
 
-def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor,
+def reference(kind: str, models: harness.Models, x: Tensor, y: Tensor,
               device: torch.device = CPU) -> tuple[float, dict[str, Tensor]]:
     """The same step written out plainly: fp32, NCHW, eager, the cohort loss of SPEC section 1 member by member."""
     teacher, heads, student = (copy.deepcopy(m).to(device) for m in (models.teacher, models.heads, models.student))
@@ -78,7 +80,7 @@ def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor,
             with torch.no_grad():
                 cohort = [final, *(head(f.flatten(1)) for head, f in zip(heads.heads, features, strict=True))]
             trainable = student.train()
-            logits, tau, alpha = student(x), bench.TEMPERATURE, bench.ALPHA
+            logits, tau, alpha = student(x), harness.TEMPERATURE, harness.ALPHA
             log_q = F.log_softmax(logits / tau, 1)
             loss = sum(
                 (1 - alpha) * F.cross_entropy(logits, y)
@@ -97,7 +99,7 @@ def relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", bench.STAGES)
+@pytest.mark.parametrize("kind", harness.STAGES)
 def test_fast_step_equals_plain_fp32_step(kind, variant, models, batch):
     cfg = config(**VARIANTS[variant])
     loss, grads = fast(kind, models, *batch, cfg)
@@ -119,7 +121,7 @@ def test_compiled_step_equals_plain_fp32_step(models, batch):
 def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, channels_last):
     """One teacher pass (no_grad) gives the logits of teacher(x) and of each head on its own features; DIH reads
     nothing else of it."""
-    stage = bench.fast_stage("dih", models, config(channels_last=channels_last), CPU)
+    stage = harness.fast_stage("dih", models, config(channels_last=channels_last), CPU)
     x = batch[0].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     outputs = stage.shared_pass(Batch(x, batch[1], None), stage.needs)
     assert outputs.taps is None and outputs.pooled is None
@@ -141,14 +143,15 @@ def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, chan
 
 
 @pytest.fixture(scope="module")
-def workloads() -> dict[str, bench.Workload]:
-    plan = bench.Plan(warmup=0, steps=1, repeats=1)
-    return {variant: bench.Workload.build("res8", "res8", NUM_CLASSES, config(**VARIANTS.get(variant, {})), CPU, plan)
+def workloads() -> dict[str, measures.Workload]:
+    plan = harness.Plan(warmup=0, steps=1, repeats=1)
+    return {variant: measures.Workload.build("res8", "res8", NUM_CLASSES, config(**VARIANTS.get(variant, {})), CPU,
+                                             plan)
             for variant in ("fp32", "channels_last+bf16")}
 
 
 @pytest.mark.parametrize("variant", ["fp32", "channels_last+bf16"])
-@pytest.mark.parametrize("kind", bench.STAGES)
+@pytest.mark.parametrize("kind", harness.STAGES)
 def test_bench_paths_agree_on_a_batch(kind, variant, workloads):
     """bench.py's own check: its conventional foil and the fast path give one batch the same loss."""
     work = workloads[variant]
@@ -163,7 +166,7 @@ def test_bench_runs_and_ends_with_the_json_line():
                         "--steps", "1", "--warmup", "1", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(bench.JSON_KEYS) <= set(record)
+    assert set(bench_cli.JSON_KEYS) <= set(record)
     assert record["stage"] == "dih" and record["batch_size"] == BATCH and record["device"].startswith("cpu")
     assert record["fast_img_s"] > 0 and record["conventional_img_s"] > 0
     assert record["ratio"] == pytest.approx(record["fast_img_s"] / record["conventional_img_s"], rel=5e-2)
@@ -175,23 +178,24 @@ def test_bench_times_every_student_method_against_kd(capsys):
     assistant, so res20 teaches here (its assistant is res14)."""
     argv = ["--gpu_id", "cpu", "--stages", "dih", "--teacher", "res20", "--num_classes", str(NUM_CLASSES),
             "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1", "--methods"]
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     costs = {row["method"]: row for row in record["methods"]}
-    assert list(costs) == ["kd", "fitnets", "takd", "at", "crd", "tofd", "mhkd", "dih", "dkd"]
+    assert list(costs) == ["kd", *(method for method in METHODS if method not in ("ce", "kd"))]
     assert costs["kd"]["vs_kd"] == 1.0 and all(row["ms_per_step"] > 0 for row in costs.values())
 
 
 def test_bench_times_a_group_against_its_students_alone_and_projects_the_preset(capsys, monkeypatch):
     """`--group`: the students of one teacher as a group and each alone, their losses equal bit for bit on the CPU;
     `--project`: the preset's cost with and without groups, here for one teacher and four of its methods."""
+    from sweep.cost import PROJECTED
     from sweep.grid import PRESETS
 
-    monkeypatch.setitem(PRESETS[bench.PROJECTED], "methods", ["ce", "kd", "tofd", "dih"])
+    monkeypatch.setitem(PRESETS[PROJECTED], "methods", ["ce", "kd", "tofd", "dih"])
     argv = ["--gpu_id", "cpu", "--stages", "none", "--teacher", "res8", "--num_classes", str(NUM_CLASSES),
             "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1", "--group", "kd", "crd",
             "dih", "--project", "res14"]
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (group,) = record["groups"]
     assert [s["method"] for s in group["students"]] == ["kd", "crd", "dih"]
@@ -205,14 +209,14 @@ def test_bench_times_a_group_against_its_students_alone_and_projects_the_preset(
 
 
 def test_bench_fails_when_the_paths_disagree(monkeypatch, capsys):
-    real = bench.conventional_step
+    real = measures.conventional_step
 
     def off_by_one(*args):
         step = real(*args)
         return lambda x, y: step(x, y) + 1.0
 
-    monkeypatch.setattr(bench, "conventional_step", off_by_one)
+    monkeypatch.setattr(measures, "conventional_step", off_by_one)
     argv = ["--gpu_id", "cpu", "--stages", "heads", "--teacher", "res8", "--num_classes", str(NUM_CLASSES),
             "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1"]
-    assert bench.main(argv) == 1
+    assert bench_cli.main(argv) == 1
     assert "losses differ for heads" in capsys.readouterr().err
