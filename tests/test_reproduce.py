@@ -319,7 +319,11 @@ def test_bad_input_is_one_line_on_stderr():
 
 
 def test_a_second_sweep_on_the_same_runs_is_refused(tmp_path):
-    with exclusive(tmp_path / "synthetic"), pytest.raises(UserError, match="another reproduce.py"):
+    from data import dataset_tag
+    from sweep.grid import PRESETS
+
+    with exclusive(tmp_path / dataset_tag(PRESETS["demo"]["dataset"])), pytest.raises(UserError,
+                                                                                     match="another reproduce.py"):
         reproduce.main(["--preset", "demo", "--runs_dir", str(tmp_path)])
 
 
