@@ -403,3 +403,17 @@ def test_a_killed_sweep_leaves_no_stage_run_behind(tiny_npz, tmp_path):
         if sweep.poll() is None:
             sweep.kill()
             sweep.wait()
+
+
+def test_the_demo_runs_two_processes_at_a_time_unless_told_otherwise(tmp_path, monkeypatch):
+    """The demo preset's own --jobs (2: one thread each on two cores), which the flag overrides."""
+    from sweep.graph import Outcome
+
+    jobs: list[int] = []
+    monkeypatch.setattr(reproduce, "execute", lambda nodes, dataset, n, gpus: jobs.append(n) or Outcome(nodes))
+    monkeypatch.setattr(reproduce, "report", lambda sweep: "")
+    where = ["--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
+    for extra in ([], ["--jobs", "1"]):
+        reproduce.main(["--preset", "demo", *where, *extra])
+    reproduce.main(["--teachers", "res8", "--dataset", "synthetic", *where])
+    assert jobs == [2, 1, 1]
