@@ -1,7 +1,7 @@
 """Reproduce a table of the paper in one command: a resumable sweep over teachers, methods and seeds.
 
     python reproduce.py --preset paper-cifar100 --jobs 2 --gpus 0,1
-    python reproduce.py --preset demo                                   # synthetic data: minutes on a laptop CPU
+    python reproduce.py --preset demo                                   # synthetic data: 3 minutes on 2 slow cores
     python reproduce.py --preset paper-cifar100 --slurm --partition gpu  # one Slurm job per node of the graph
     python reproduce.py --preset paper-cifar100 --report_only           # the table so far, of a sweep under way
     python reproduce.py --preset paper-cifar10 --dry_run                # the stage commands, by dependency level
