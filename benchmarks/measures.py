@@ -72,10 +72,12 @@ class Workload:
 
     def fast_step(self, kind: str, cfg: TrainConfig | None = None, cohort_twice: bool = False,
                   sync_each_step: bool = False, fold: bool = True) -> Step:
+        """The fast path's step of stage `kind` on fresh copies of the models (the flags: the ablation's)."""
         return engine_step(fast_stage(kind, self.models, cfg or self.cfg, self.device, cohort_twice, fold),
-                         cfg or self.cfg, sync_each_step)
+                           cfg or self.cfg, sync_each_step)
 
     def conventional_step(self, kind: str) -> Step:
+        """The conventional path's step of stage `kind` on fresh copies of the models."""
         return conventional_step(kind, self.models, self.cfg, self.device)
 
     def fast_batches(self, cfg: TrainConfig | None = None, loader: bool = False) -> Iterator[tuple[Tensor, ...]]:
@@ -93,7 +95,7 @@ class Workload:
         return batches
 
     def fast_timed(self, kind: str, cfg: TrainConfig | None = None, *, cohort_twice: bool = False,
-             loader: bool = False, sync_each_step: bool = False, fold: bool = True) -> Timed:
+                   loader: bool = False, sync_each_step: bool = False, fold: bool = True) -> Timed:
         """A fresh fast path and its batches, optionally with one optimisation undone (the ablation)."""
         return self.fast_step(kind, cfg, cohort_twice, sync_each_step, fold), self.fast_batches(cfg, loader)
 
@@ -316,8 +318,7 @@ def growth(args: argparse.Namespace, cfg: TrainConfig, device: torch.device, pla
             bcfg = dataclasses.replace(cfg, batch_size=batch)
             work = Workload.build(teacher, args.student, args.num_classes, bcfg, device, plan)
             fast_s, conventional_s = seconds_per_step([work.fast_timed("dih"), work.conventional_timed("dih")],
-                                                      work.plan,
-                                                      device)
+                                                      work.plan, device)
             steps = math.ceil(EPOCH_IMAGES / batch)
             rows.append({"teacher": teacher, "batch_size": batch, "fast_epoch_s": round(fast_s * steps, 1),
                          "conventional_epoch_s": round(conventional_s * steps, 1),

@@ -95,10 +95,9 @@ def projection(teachers: list[str], num_classes: int, cfg: TrainConfig, device: 
             groups[teacher] = result
 
     def timed(key: Key) -> Timed:
-        if key[0] != "student":
+        if key[0] != "student":  # a teacher's own run: its training, TOFD's, or its heads'
             work = workload(key[1], sweep.students[0])
-            return {"teacher": lambda: work.fast_timed("teacher"), "heads": lambda: work.fast_timed("heads"),
-                    "TOFD teacher": lambda: tofd_teacher(work)}[key[0]]()
+            return tofd_teacher(work) if key[0] == "TOFD teacher" else work.fast_timed(key[0])
         _, student, method, teacher = key
         work = workload(teacher or sweep.teachers[0], student)  # CE's step is the same whoever's row it serves
         return runs_step([in_last_phase(method_stage(method, work, cifar_sized(work), cfg), cfg, device)], work)
