@@ -6,16 +6,18 @@
 Each part is a child process with its own cap (seconds; docs/BENCHMARKS.md, "The GPU check", has the budget):
 
     environment    15   torch, CUDA and the GPU; then torchvision (a broken one fails this part, not the check)
-    smoke          90   every stage and method (teacher, heads, ce, kd, fitnets, takd, at, crd, tofd, mhkd, dih), and
-                        kd + crd + dih as one group, for a few steps, eager, --compile graphs and --compile on: a
-                        finite loss, and for graphs the captures and replays each run recorded (replays = steps -
-                        warm-ups)
+    smoke          90   every stage and every method of methods.METHODS, and kd + crd + dih as one group, for a few
+                        steps, eager, --compile graphs and --compile on: a finite loss, and for graphs the captures
+                        and replays each run recorded (replays = steps - warm-ups)
     bench_dih      60   the DIH stage against the conventional pipeline (bench.py), then with --compile graphs, then
                         the ablation
     bench_teacher  40   the teacher stage, then the heads stage, against the conventional pipeline
-    concurrency    70   aggregate throughput of 1, 2, 4 and 8 DIH student processes on one GPU
-    accuracy       50   bf16 against fp32: res8 on the synthetic set, three seeds each
-    cuda_tests     rest pytest -m cuda, test by test: whatever time is left (at least 80 s)
+    concurrency    70   aggregate throughput of 1, 2, 4 and 8 DIH student processes on one GPU; verdict: no level
+                        below 0.9x one process's
+    accuracy       50   bf16 against fp32: res8 on the synthetic set, three seeds each; verdict: the means within 2
+                        points
+    cuda_tests     rest pytest -m cuda, test by test: whatever time is left (at least 80 s); verdict: tests ran
+                        (all skipped is a failure) and none failed
 
 The parts' caps add up to 405 s and the runner (its own start, starting and killing parts, writing the report) takes
 under 15: 420 s in all. A part prints its results as `@row {json}` lines as it goes. Each row is appended to
@@ -24,11 +26,13 @@ the tail of its output), and gpu_check.md is rewritten each time: a kill at any 
 far, a part killed at its cap keeps the rows it finished, and a part that crashes or prints garbage is reported as
 such while the others carry on. The report goes to $OUT if set, else results/gpu_check/.
 
-This file imports nothing but torch and the standard library (and utils.py, which imports the same) until a part
-starts: the parts import the project in their own processes, so a torch/torchvision mismatch fails a part, never the
-report. Nothing is downloaded (the data is the built-in synthetic set). Without a GPU the same parts run as a tiny
-CPU dry run (no graphs or compile rows, 5x the caps), which exercises the machinery and every smoke command line;
-the exit status is 0 when every part is ok.
+This file is the runner and imports nothing but torch and the standard library (tests/test_gpu_check.py checks its
+imports): the parts are the package gpu_parts/, each started as `python3 -m gpu_parts NAME` in its own process,
+which imports the project, so a torch/torchvision mismatch fails a part, never the report. Nothing is downloaded (the
+data is the built-in synthetic set). The accuracy, concurrency and CUDA-test parts end with a verdict row (their
+thresholds are in gpu_parts/accuracy.py, concurrency.py and cuda_tests.py). Without a GPU the same parts run as a
+tiny CPU dry run (no graphs or compile rows, 5x the caps, verdicts shown but not judged), which exercises the
+machinery and every smoke command line; the exit status is 0 when every part is ok.
 """
 
 from __future__ import annotations
@@ -37,25 +41,21 @@ import argparse
 import collections
 import datetime
 import json
-import math
 import os
 import queue
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from utils import UserError, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 ROW = "@row "  # a result row on a part's output: this prefix, then one JSON object
@@ -74,7 +74,7 @@ class Part:
     title: str
     cap_s: float
     rest: bool = False  # takes whatever time is left (the last part)
-    argv: tuple[str, ...] = ()  # its command after `python3`; empty: this file in child mode for `name`
+    argv: tuple[str, ...] = ()  # its command after `python3`; empty: `-m gpu_parts NAME`
 
 
 PARTS = [
@@ -86,6 +86,10 @@ PARTS = [
     Part("accuracy", "Accuracy: bf16 against fp32 (res8, synthetic)", 50),
     Part("cuda_tests", "CUDA tests (pytest -m cuda)", 80, rest=True),
 ]
+
+
+class UsageError(Exception):
+    """A bad flag: one line and exit status 2."""
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -106,7 +110,14 @@ class Report:
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
-        atomic_write_text(self.folder / "gpu_check.md", markdown(self.records))
+        replace_file(self.folder / "gpu_check.md", markdown(self.records))
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader never sees half."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def cell(value: Any) -> str:
@@ -237,7 +248,7 @@ def check(parts: list[Part], folder: Path, budget_s: float, gpu: bool, gpu_id: s
         for part in parts:
             left = deadline - time.monotonic()
             cap = left if part.rest else min(slack * part.cap_s, left)
-            argv = list(part.argv) or [str(ROOT / "gpu_check.py"), "--child", part.name, "--gpu_id", gpu_id, "--work",
+            argv = list(part.argv) or ["-m", "gpu_parts", part.name, "--gpu_id", gpu_id, "--work",
                                        str(Path(work) / part.name), *([] if gpu else ["--dry"])]
             if cap < 1:
                 end = {"status": "skipped", "seconds": 0, "rows": 0, "note": "no time was left", "tail": []}
@@ -254,330 +265,6 @@ def check(parts: list[Part], folder: Path, budget_s: float, gpu: bool, gpu_id: s
             print(f"gpu_check: {part.name}: {end['status']} ({end['seconds']:.0f} s)"
                   + (f": {end['note']}" if end["note"] else ""), flush=True)
     return ends
-
-
-# ------------------------------------------------------------------------------------------- the parts
-
-
-@dataclass(frozen=True)
-class Context:
-    """What a part's child knows: the device, its scratch folder, and whether this is the CPU dry run."""
-
-    gpu_id: str
-    work: Path
-    dry: bool
-
-    @property
-    def gpu(self) -> bool:
-        return not self.dry
-
-
-def log_path(work: Path, name: str) -> Path:
-    return work / f"{name}.log"
-
-
-def launch(argv: list[str], work: Path, name: str, threads: int = 0, extra_env: dict[str, str] | None = None
-           ) -> subprocess.Popen:
-    """A project script in a child process (of this part's process group), its output into `<name>.log`."""
-    env = {**os.environ, **(extra_env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    with open(log_path(work, name), "w") as log:
-        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def log_tail(work: Path, name: str, lines: int = 3) -> str:
-    text = log_path(work, name).read_text(errors="replace") if log_path(work, name).exists() else ""
-    return " / ".join(text.strip().splitlines()[-lines:])
-
-
-def tiny_npz(ctx: Context, train: int, test: int) -> str:
-    """A slice of the built-in synthetic set as an npz, written once per part."""
-    from data import make_synthetic, save_npz
-
-    path = ctx.work / f"synthetic-{train}.npz"
-    if not path.exists():
-        save_npz(path, *make_synthetic(train, test, seed=0))
-    return str(path)
-
-
-def part_environment(ctx: Context) -> Iterator[dict[str, Any]]:
-    row: dict[str, Any] = {"device": "cpu", "python": sys.version.split()[0], "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "cpu_cores": os.cpu_count()}
-    if ctx.gpu:
-        device = torch.device(f"cuda:{ctx.gpu_id.removeprefix('cuda:')}")
-        p = torch.cuda.get_device_properties(device)
-        row |= {"device": p.name, "index": device.index, "gpus_visible": torch.cuda.device_count(),
-                "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-                "bf16": torch.cuda.is_bf16_supported(including_emulation=False),
-                "cudnn": torch.backends.cudnn.version()}
-    yield row
-    import torchvision
-
-    yield {"torchvision": torchvision.__version__}
-
-
-@dataclass(frozen=True)
-class Smoke:
-    """One smoke entry: a stage script with its own flags, and the entries whose eager outputs it reads."""
-
-    name: str
-    argv: list[str]
-    needs: tuple[str, ...] = ()
-    group: tuple[str, ...] = ()  # several --method: one student folder each, under the entry's folder
-
-    def out_flags(self, folder: Path) -> list[str]:
-        if not self.group:
-            return ["--out_dir", str(folder)]
-        return [flag for method in self.group for flag in (f"--{method}.out_dir", str(folder / method))]
-
-    def runs(self, folder: Path) -> list[Path]:
-        return [folder / method for method in self.group] or [folder]
-
-
-SMOKE_MODES = ("off", "graphs", "on")  # --compile: eager, CUDA graphs, torch.compile
-
-
-def smoke_table(work: Path) -> list[Smoke]:
-    """Every stage and method; one line each. Entries read the outputs of the eager runs they need."""
-    def out(name: str, file: str) -> str:
-        return str(work / f"{name}-off" / file)
-
-    teacher = ["--teacher", "res8", "--teacher_ckpt", out("teacher", "teacher.pt")]
-    student = ["test_dih.py", "--student", "res8", "--method"]
-    return [
-        Smoke("teacher", ["train_teacher.py", "--model", "res8"]),
-        Smoke("tofd_teacher", ["train_teacher.py", "--model", "res8", "--tofd"]),
-        Smoke("ce", [*student, "ce"]),
-        Smoke("heads", ["train_heads.py", *teacher], ("teacher",)),
-        Smoke("kd", [*student, "kd", *teacher], ("teacher",)),
-        Smoke("fitnets", [*student, "fitnets", "--hint_epochs", "1", *teacher], ("teacher",)),  # the phase switch
-        Smoke("at", [*student, "at", *teacher], ("teacher",)),
-        Smoke("crd", [*student, "crd", "--nce_k", "64", *teacher], ("teacher",)),  # in-graph sampling, bank update
-        Smoke("tofd", [*student, "tofd", "--teacher", "res8", "--teacher_ckpt", out("tofd_teacher", "teacher.pt")],
-              ("tofd_teacher",)),  # its temperature changes every epoch
-        Smoke("mhkd", [*student, "mhkd", *teacher], ("teacher",)),
-        Smoke("takd", [*student, "takd", *teacher, "--ta", "res8", "--ta_ckpt", out("kd", "student.pt")],
-              ("teacher", "kd")),
-        Smoke("dih", [*student, "dih", *teacher, "--heads_ckpt", out("heads", "heads.pt")], ("teacher", "heads")),
-        # One process, one teacher pass per batch for three students (CRD's random stream swapped in between).
-        Smoke("group", [*student, "kd", "crd", "dih", *teacher, "--heads_ckpt", out("heads", "heads.pt"),
-                        "--nce_k", "64"], ("teacher", "heads"), group=("kd", "crd", "dih")),
-    ]
-
-
-def smoke_result(work: Path, entry: Smoke, mode: str, returncode: int, seconds: float) -> dict[str, Any]:
-    """One entry's row: it ran to the end with a finite loss; under graphs, captured and replayed every step after
-    the warm-ups (the counts the engine recorded in summary.json; a group's: each student's, summed)."""
-    row: dict[str, Any] = {"entry": entry.name, "compile": mode, "ok": False, "seconds": round(seconds, 1)}
-    runs = entry.runs(work / f"{entry.name}-{mode}")
-    if returncode != 0 or not all((run / "summary.json").exists() for run in runs):
-        return row | {"note": f"exit {returncode}: {log_tail(work, f'{entry.name}-{mode}')}"}
-    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
-    losses = [[json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-              for run in runs]
-    row |= {"train_loss": " ".join(f"{each[-1]:.4f}" for each in losses),
-            "test_acc": " ".join(f"{summary['final_test_acc']:.2f}" for summary in summaries)}
-    finite = all(math.isfinite(loss) for each in losses for loss in each)
-    if mode in ("graphs", "max"):
-        graphs: collections.Counter[str] = collections.Counter()
-        for summary in summaries:
-            graphs.update(summary.get("cuda_graphs", {}))
-        row["graphs"] = "{steps} steps: {warmups} warm-up, {captures} captured, {replays} replayed".format_map(graphs)
-        replayed = all(summary.get("cuda_graphs", {}).get("replays", 0) >= 1 for summary in summaries)
-        row["ok"] = finite and replayed and graphs["replays"] == graphs["steps"] - graphs["warmups"]
-    else:
-        row["ok"] = finite
-    return row
-
-
-def part_smoke(ctx: Context) -> Iterator[dict[str, Any]]:
-    """The smoke table under each --compile mode (eager first), several entries at once, each when its needs are done.
-
-    A few steps each: 128 images (dry run: 64) in batches of 32, two epochs with an LR drop between them (graphs are
-    recaptured), FitNets one hint epoch before them."""
-    ctx.work.mkdir(parents=True, exist_ok=True)
-    train, test, slots = (128, 64, 8) if ctx.gpu else (64, 32, 2)
-    data = tiny_npz(ctx, train, test)
-    common = ["--dataset", data, "--epochs", "2", "--schedule", "1", "--batch_size", "32", "--gpu_id", ctx.gpu_id]
-    table = smoke_table(ctx.work)
-    modes = SMOKE_MODES if ctx.gpu else SMOKE_MODES[:1]
-    pending = [(entry, mode) for mode in modes for entry in table]
-    if ctx.dry:
-        yield {"note": "CPU dry run: eager entries only (--compile graphs needs a GPU, --compile on takes minutes "
-                       "per entry on a CPU)"}
-    done: dict[str, bool] = {}  # eager entries: whether they succeeded
-    running: dict[subprocess.Popen, tuple[Smoke, str, float]] = {}
-    threads = max(1, (os.cpu_count() or 1) // slots)
-    compile_threads = {"TORCHINDUCTOR_COMPILE_THREADS": str(threads)}  # the slots' compilers share the cores
-    while pending or running:
-        for entry, mode in list(pending):
-            if len(running) >= slots:
-                break
-            if any(done.get(need) is False for need in entry.needs):
-                pending.remove((entry, mode))
-                yield {"entry": entry.name, "compile": mode, "ok": False,
-                       "note": f"not run: needs {', '.join(entry.needs)}, which failed"}
-            elif all(done.get(need) for need in entry.needs):
-                pending.remove((entry, mode))
-                argv = [*entry.argv, *common, "--compile", mode, *entry.out_flags(ctx.work / f"{entry.name}-{mode}")]
-                running[launch(argv, ctx.work, f"{entry.name}-{mode}", threads, compile_threads)] = (
-                    entry, mode, time.monotonic())
-        for proc in [proc for proc in running if proc.poll() is not None]:
-            entry, mode, started = running.pop(proc)
-            row = smoke_result(ctx.work, entry, mode, proc.returncode, time.monotonic() - started)
-            if mode == "off":
-                done[entry.name] = row["ok"]
-            yield row
-        time.sleep(0.05)
-
-
-def bench_workload(ctx: Context, stage: str):
-    """bench.py's workload at its defaults on the GPU (res110 -> res8, 100 classes, batch 64), tiny in the dry run."""
-    import bench
-
-    device, cfg = bench.engine_config(bench.parse_args(["--gpu_id", ctx.gpu_id]))
-    if ctx.gpu:
-        return bench.Workload.build("res110", "res8", 100, cfg, device, bench.Plan(5, 20, 5))
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, batch_size=16)
-    return bench.Workload.build("res8", "res8", 10, cfg, device, bench.Plan(0, 1, 1))
-
-
-def bench_rows(ctx: Context, stages: list[str], ablation: bool) -> Iterator[dict[str, Any]]:
-    """Each stage against the conventional pipeline with the defaults, then (GPU) with --compile graphs; then the
-    ablation. A row as each measurement ends."""
-    import dataclasses
-
-    import bench
-
-    work = bench_workload(ctx, stages[0])
-    variants = [("defaults", work)]
-    if ctx.gpu:
-        variants.append(("--compile graphs", dataclasses.replace(work, cfg=dataclasses.replace(work.cfg,
-                                                                                               cuda_graphs=True))))
-    for stage in stages:
-        for variant, workload in variants:
-            for result in bench.compare(workload, [stage]):
-                yield {"variant": variant, **result, "ok": result["loss_check"]["ok"], "device": bench.device_name(
-                    work.device), "plan": dataclasses.asdict(work.plan)}
-    if ablation and ctx.gpu:
-        for row in bench.ablation(work, stages):
-            yield {"ablation": row["optimisation"], **row}
-
-
-def part_bench_dih(ctx: Context) -> Iterator[dict[str, Any]]:
-    yield from bench_rows(ctx, ["dih"], ablation=True)
-
-
-def part_bench_teacher(ctx: Context) -> Iterator[dict[str, Any]]:
-    yield from bench_rows(ctx, ["teacher", "heads"], ablation=False)
-
-
-def train_cohort(ctx: Context, data: str) -> list[str]:
-    """A res20 teacher (dry run: res8) and its heads, one epoch each: what the concurrent students learn from; the
-    students' command."""
-    model, teacher, heads = "res20" if ctx.gpu else "res8", ctx.work / "teacher", ctx.work / "heads"
-    common = ["--dataset", data, "--epochs", "1", "--gpu_id", ctx.gpu_id]
-    for name, argv in (("teacher", ["train_teacher.py", "--model", model, *common, "--out_dir", str(teacher)]),
-                       ("heads", ["train_heads.py", "--teacher", model, "--teacher_ckpt", str(teacher / "teacher.pt"),
-                                  *common, "--out_dir", str(heads)])):
-        if launch(argv, ctx.work, name).wait() != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed: {log_tail(ctx.work, name, 10)}")
-    return ["test_dih.py", "--method", "dih", "--student", "res8", "--teacher", model, "--teacher_ckpt",
-            str(teacher / "teacher.pt"), "--heads_ckpt", str(heads / "heads.pt"), "--dataset", data,
-            "--gpu_id", ctx.gpu_id]
-
-
-def part_concurrency(ctx: Context) -> Iterator[dict[str, Any]]:
-    """Aggregate images/s of n DIH student processes on one device, from their metrics.jsonl (epoch time includes
-    evaluating the test set); the first epoch (autotuning, allocation) is left out."""
-    ctx.work.mkdir(parents=True, exist_ok=True)
-    (images, tests), epochs, levels = ((10_000, 2_000), 3, (1, 2, 4, 8)) if ctx.gpu else ((128, 32), 2, (1, 2))
-    student = train_cohort(ctx, tiny_npz(ctx, images, tests))
-    first = None
-    for n in levels:
-        started = time.monotonic()
-        outs = [ctx.work / f"students-{n}-{i}" for i in range(n)]
-        procs = [launch([*student, "--epochs", str(epochs), "--seed", str(30 + i), "--out_dir", str(out)], ctx.work,
-                        out.name, max(1, (os.cpu_count() or 1) // n)) for i, out in enumerate(outs)]
-        if any(proc.wait() != 0 for proc in procs):
-            yield {"processes": n, "ok": False, "note": log_tail(ctx.work, outs[0].name)}
-            return
-        timed = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:] for out in outs]
-        rates = [images * len(rows) / sum(row["seconds"] for row in rows) for rows in timed]
-        first = first or sum(rates)
-        yield {"processes": n, "aggregate_img_s": round(sum(rates), 1),
-               "per_process_img_s": round(statistics.mean(rates), 1), "scaling": round(sum(rates) / first, 2),
-               "wall_s": round(time.monotonic() - started, 1), "epochs_timed": epochs - 1}
-
-
-def part_accuracy(ctx: Context) -> Iterator[dict[str, Any]]:
-    """Final test accuracy of res8 on the synthetic set in bf16 and in fp32, three seeds each, all runs at once."""
-    ctx.work.mkdir(parents=True, exist_ok=True)
-    data = tiny_npz(ctx, 10_000, 2_000) if ctx.gpu else tiny_npz(ctx, 128, 32)  # the built-in set, written once
-    epochs, schedule, seeds = (["12"], ["6", "9"], (30, 50, 67)) if ctx.gpu else (["2"], ["1"], (30,))
-    runs = {(amp, seed): ctx.work / f"amp-{amp}-{seed}" for amp in ("on", "off") for seed in seeds}
-    procs = {launch(["train_teacher.py", "--model", "res8", "--dataset", data, "--epochs", *epochs, "--schedule",
-                     *schedule, "--gpu_id", ctx.gpu_id, "--amp", amp, "--seed", str(seed), "--out_dir", str(out)],
-                    ctx.work, out.name, max(1, (os.cpu_count() or 1) // len(runs))): (amp, seed)
-             for (amp, seed), out in runs.items()}
-    accuracy: dict[str, list[float]] = collections.defaultdict(list)
-    while procs:
-        for proc in [proc for proc in procs if proc.poll() is not None]:
-            amp, seed = procs.pop(proc)
-            out = runs[amp, seed]
-            if proc.returncode != 0:
-                yield {"amp": amp, "seed": seed, "ok": False, "note": log_tail(ctx.work, out.name)}
-                continue
-            summary = json.loads((out / "summary.json").read_text())
-            accuracy[amp].append(summary["final_test_acc"])
-            yield {"amp": amp, "seed": seed, "bf16": summary["config"]["amp"], "final_test_acc": summary[
-                "final_test_acc"], "epochs": summary["epochs"]}
-        time.sleep(0.1)
-    for amp, accs in accuracy.items():
-        yield {"amp": amp, "seeds": len(accs), "mean": round(statistics.mean(accs), 2),
-               "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else None}
-
-
-class TestRows:
-    """A pytest plugin: one row per test as it ends, onto the part's own output (pytest captures sys.stdout and file
-    descriptor 1 while a test runs), on a line of its own (pytest's progress characters do not end theirs)."""
-
-    def __init__(self):
-        self.out = os.fdopen(os.dup(1), "w", buffering=1)
-
-    def pytest_runtest_logreport(self, report: Any) -> None:
-        if report.when == "call" or report.outcome != "passed":
-            message = ""
-            if report.skipped and isinstance(report.longrepr, tuple):
-                message = report.longrepr[2]
-            elif report.failed:
-                message = str(report.longrepr).strip().splitlines()[-1][:300]
-            print("\n" + ROW + json.dumps({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
-                                    "seconds": round(report.duration, 1), "ok": not report.failed,
-                                    "message": message}), file=self.out, flush=True)
-
-
-def part_cuda_tests(ctx: Context) -> Iterator[dict[str, Any]]:
-    """pytest -m cuda over the whole suite (the device from DIH_TEST_DEVICE, which the runner sets)."""
-    import pytest
-
-    code = pytest.main(["-m", "cuda", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")], plugins=[TestRows()])
-    yield {"pytest_exit_code": int(code), "ok": int(code) in (0, 5)}  # 5: no test collected
-
-
-CHILDREN: dict[str, Callable[[Context], Iterator[dict[str, Any]]]] = {
-    "environment": part_environment, "smoke": part_smoke, "bench_dih": part_bench_dih,
-    "bench_teacher": part_bench_teacher, "concurrency": part_concurrency, "accuracy": part_accuracy,
-    "cuda_tests": part_cuda_tests,
-}
-
-
-def child(name: str, ctx: Context) -> int:
-    """A part's own process: its rows, one a line, as they come."""
-    for row in CHILDREN[name](ctx):
-        print(ROW + json.dumps(row), flush=True)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -598,17 +285,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "runner's, the parts share the rest within their caps")
     p.add_argument("--gpu_id", default="0", help="the GPU to check (default 0)")
     p.add_argument("--out_dir", default=None, help="where the report goes (default: $OUT, else results/gpu_check)")
-    p.add_argument("--child", choices=tuple(CHILDREN), help=argparse.SUPPRESS)  # a part's own process
-    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.parts = [name.strip() for name in args.parts.split(",") if name.strip()]
     unknown = sorted(set(args.parts) - {part.name for part in PARTS})
     if unknown or not args.parts:
-        raise UserError(f"--parts: unknown part {unknown[0] if unknown else '(none given)'!r}; choose from "
+        raise UsageError(f"--parts: unknown part {unknown[0] if unknown else '(none given)'!r}; choose from "
                         f"{', '.join(part.name for part in PARTS)}")
     if args.budget_s <= RUNNER_S:
-        raise UserError(f"--budget_s must be more than the runner's {RUNNER_S} s, got {args.budget_s:g}")
+        raise UsageError(f"--budget_s must be more than the runner's {RUNNER_S} s, got {args.budget_s:g}")
     return args
 
 
@@ -619,8 +303,6 @@ def out_dir(flag: str | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child:
-        return child(args.child, Context(args.gpu_id, args.work, args.dry))
     gpu = torch.cuda.is_available()  # no CUDA context in this process: the parts have the GPU to themselves
     if not gpu:
         print("gpu_check: no CUDA GPU is visible; every part runs as a tiny CPU dry run", flush=True)
@@ -635,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserError as err:
+    except UsageError as err:
         print(f"gpu_check.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Reproduce a table of the paper in one command: a resumable sweep over teachers, methods and seeds.
 
     python reproduce.py --preset paper-cifar100 --jobs 2 --gpus 0,1
-    python reproduce.py --preset demo                                   # synthetic data: minutes on a laptop CPU
+    python reproduce.py --preset demo                                   # synthetic data: 3 minutes on 2 slow cores
     python reproduce.py --preset paper-cifar100 --slurm --partition gpu  # one Slurm job per node of the graph
     python reproduce.py --preset paper-cifar100 --report_only           # the table so far, of a sweep under way
     python reproduce.py --preset paper-cifar10 --dry_run                # the stage commands, by dependency level
@@ -46,7 +46,8 @@ def build_parser() -> cli.Parser:
                    help="one process per student (default: the students of each teacher run train as one group, "
                         "sharing each batch and each teacher pass; the same numbers)")
     here = p.add_argument_group("on this machine")
-    here.add_argument("--jobs", type=int, default=1, help="stage processes at once per device")
+    here.add_argument("--jobs", type=int, help="stage processes at once per device (default 1; the preset's where it "
+                                                 "names one: demo, 2)")
     here.add_argument("--gpus", help="spread the processes over these GPUs, e.g. 0,1 (default: each script's choice)")
     cluster = p.add_argument_group("on a Slurm cluster (with --slurm)")
     cluster.add_argument("--partition", help="the partition of every job")
@@ -72,7 +73,7 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
         if given:
             raise UserError(f"{given[0]} is an option of --slurm")
         return None
-    if args.jobs != 1 or args.gpus is not None:
+    if args.jobs not in (None, 1) or args.gpus is not None:
         raise UserError("--jobs and --gpus are for a sweep on this machine; with --slurm use --gpus_per_job")
     try:
         extra = tuple(shlex.split(args.sbatch_args or ""))
@@ -84,8 +85,9 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
 def main(argv: list[str] | None = None) -> Outcome:
     """Run, submit, list or tabulate the sweep; the outcome lets tests look inside."""
     args = build_parser().parse_args(argv)
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    jobs = args.jobs if args.jobs is not None else PRESETS.get(args.preset, {}).get("jobs", 1)
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
     slurm = slurm_options(args)
     gpus = parse_gpus(args.gpus)
     sweep = make_sweep(args)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> Outcome:
               "processes in the graph)")
     else:
         with exclusive(sweep.runs_dir / dataset_tag(sweep.dataset)):
-            outcome = submit(nodes, sweep, slurm) if slurm else execute(nodes, sweep.dataset, args.jobs, gpus)
+            outcome = submit(nodes, sweep, slurm) if slurm else execute(nodes, sweep.dataset, jobs, gpus)
         if outcome.jobs:  # on Slurm, with runs still to come: the report job writes the table after them
             return outcome
     outcome.table = report(sweep)

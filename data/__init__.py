@@ -36,7 +36,7 @@ from .device import (
     train_batches,
 )
 from .npz import NpzSource, npz_name, save_npz
-from .synthetic import SyntheticSource, make_synthetic
+from .synthetic import MINI_IMAGE_SIZE, MINI_SIZE, SyntheticSource, make_synthetic
 from .tinyimagenet import TinyImageNetSource
 
 __all__ = [
@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 TINYIMAGENET = TinyImageNetSource()
-SOURCES: dict[str, Source] = {**CIFAR_SOURCES, "tinyimagenet": TINYIMAGENET, "synthetic": SyntheticSource()}
+SOURCES: dict[str, Source] = {**CIFAR_SOURCES, "tinyimagenet": TINYIMAGENET, "synthetic": SyntheticSource(),
+                              "synthetic-mini": SyntheticSource("synthetic-mini", MINI_SIZE, MINI_IMAGE_SIZE)}
 BUILTIN = tuple(SOURCES)
 DOWNLOADED = (CifarSource, TinyImageNetSource)  # the sources a --data_url can point at
 DOWNLOADED_NAMES = tuple(name for name, source in SOURCES.items() if isinstance(source, DOWNLOADED))

@@ -5,6 +5,7 @@
     local.py   runs the graph on this machine (--jobs, --gpus)
     slurm.py   submits the graph to Slurm (--slurm)
     report.py  results.md, results.csv and the plots, from whatever runs have finished
+    cost.py    what a preset's graph costs on this device, from steps bench.py times (bench.py --project)
 
 Both runners see only `Node`s, so a new kind of stage run is a change to build_graph alone.
 """

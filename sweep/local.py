@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,14 +145,44 @@ def launch(node: Node, gpu: str | None, env: dict[str, str]) -> tuple[subprocess
     """Start a node's command, appending to its logs; return the process and where its stderr starts.
 
     Each run leads a session and process group of its own: a Ctrl-C in the terminal reaches reproduce.py alone,
-    which then stops every run with all it started (`stop`).
+    which then stops every run with all it started (`stop`). Should reproduce.py itself be killed outright
+    (SIGKILL, the OOM killer), no `finally` runs: on Linux the kernel then sends each run SIGTERM
+    (`terminate_with_parent`), so no orphan goes on writing into a run folder.
     """
     node.out_dir.mkdir(parents=True, exist_ok=True)
     argv = node.argv + (["--gpu_id", gpu] if gpu is not None else [])
     with open(node.out_dir / "log.txt", "a") as out, open(node.out_dir / "stderr.txt", "a") as err:
         out.write(f"$ {shlex.join(argv)}\n")
         out.flush()
-        return subprocess.Popen(argv, stdout=out, stderr=err, env=env, start_new_session=True), err.tell()
+        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, start_new_session=True,
+                                   preexec_fn=terminate_with_parent())
+        return process, err.tell()
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def terminate_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send the child SIGTERM when this process dies, however it dies
+    (prctl's PR_SET_PDEATHSIG); None where there is no such call (not Linux): there only a clean exit of
+    reproduce.py stops its runs.
+
+    libc is looked up here, in the parent: between fork and exec the child should do no more than the call.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the call: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def stderr_tail(path: Path, offset: int, lines: int = 8) -> list[str]:

@@ -28,6 +28,7 @@ import reproduce
 import test_dih
 import train_heads
 import train_teacher
+from benchmarks import harness
 from data import from_arrays
 from engine import TrainConfig
 from heads import heads_for, tofd_aux_for
@@ -250,16 +251,16 @@ def build_stage(method: str, device: torch.device = CPU, n: int = 32, size: int 
 TOLERANCE = {False: (1e-5, 1e-4), True: (5e-3, 1e-1)}
 
 
-def fast(kind: str, models: bench.Models, x: Tensor, y: Tensor, cfg: TrainConfig,
+def fast(kind: str, models: harness.Models, x: Tensor, y: Tensor, cfg: TrainConfig,
          device: torch.device = CPU) -> tuple[float, dict[str, Tensor]]:
     """Loss and gradients from the project's step for stage `kind` (a run alone: its teacher pass, its step)."""
-    stage = bench.fast_stage(kind, models, cfg, device)
+    stage = harness.fast_stage(kind, models, cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    loss = bench.fast_step(stage, cfg)(x.to(device).contiguous(memory_format=memory_format), y.to(device))
+    loss = harness.engine_step(stage, cfg)(x.to(device).contiguous(memory_format=memory_format), y.to(device))
     return loss.item(), {name: p.grad for name, p in stage.model.named_parameters()}
 
 
-def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor,
+def reference(kind: str, models: harness.Models, x: Tensor, y: Tensor,
               device: torch.device = CPU) -> tuple[float, dict[str, Tensor]]:
     """The same step written out plainly: fp32, NCHW, eager, the cohort loss of SPEC section 1 member by member."""
     teacher, heads, student = (copy.deepcopy(m).to(device) for m in (models.teacher, models.heads, models.student))
@@ -278,7 +279,7 @@ def reference(kind: str, models: bench.Models, x: Tensor, y: Tensor,
             with torch.no_grad():
                 cohort = [final, *(head(f.flatten(1)) for head, f in zip(heads.heads, features, strict=True))]
             trainable = student.train()
-            logits, tau, alpha = student(x), bench.TEMPERATURE, bench.ALPHA
+            logits, tau, alpha = student(x), harness.TEMPERATURE, harness.ALPHA
             log_q = F.log_softmax(logits / tau, 1)
             loss = sum(
                 (1 - alpha) * F.cross_entropy(logits, y)

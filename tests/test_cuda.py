@@ -36,12 +36,12 @@ from conftest import (
 )
 from helpers import TOLERANCE, build_stage, fast, random_dataset, reference, relative_error
 
-import bench
 import cli
 import engine
 import test_dih
 import train_heads
 import train_teacher
+from benchmarks import harness, measures
 from cuda_graphs import WARMUP_STEPS
 from data import train_batches
 from engine import TrainConfig, fit, make_optimizer, make_train_step, trainable_parameters
@@ -296,8 +296,8 @@ def test_out_of_memory_in_a_stage_script_is_one_line(tiny_npz, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def models() -> bench.Models:
-    return bench.make_models("res8", "res8", NUM_CLASSES)
+def models() -> harness.Models:
+    return harness.make_models("res8", "res8", NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", bench.STAGES)
+@pytest.mark.parametrize("kind", harness.STAGES)
 def test_cuda_step_equals_the_cpu_fp32_step(kind, amp, models, batch):
     """channels_last, with and without bf16 autocast, on the GPU: the loss and gradients of the plain CPU step."""
     cfg = dataclasses.replace(config(amp=amp), lr=0.0)
@@ -318,11 +318,11 @@ def test_cuda_step_equals_the_cpu_fp32_step(kind, amp, models, batch):
     assert relative_error({k: g.cpu() for k, g in grads.items()}, want_grads) < grad_rtol
 
 
-@pytest.mark.parametrize("kind", bench.STAGES)
+@pytest.mark.parametrize("kind", harness.STAGES)
 def test_bench_paths_agree_on_cuda(kind):
-    plan = bench.Plan(warmup=0, steps=1, repeats=1)
+    plan = harness.Plan(warmup=0, steps=1, repeats=1)
     _, _, cfg = cli.parse(cli.common_parser(""), ["--batch_size", str(BATCH), "--gpu_id", GPU_ID])
-    work = bench.Workload.build("res8", "res8", NUM_CLASSES, cfg, DEVICE, plan)
+    work = measures.Workload.build("res8", "res8", NUM_CLASSES, cfg, DEVICE, plan)
     fast_loss, conventional_loss, ok = work.check(work.fast_step(kind), work.conventional_step(kind))
     assert ok, (fast_loss, conventional_loss)
 

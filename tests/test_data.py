@@ -453,3 +453,16 @@ def test_cifar_data_dir_is_a_file(tmp_path):
     with pytest.raises(DataError, match="cannot create the data directory .*occupied") as exc:
         data.load_dataset("cifar10", tmp_path / "occupied", CPU, source=source)
     check_one_line(exc)
+
+
+def test_synthetic_mini_is_the_synthetic_renderer_averaged_down_to_16x16():
+    """`make demo`'s set: the first images of the built-in set's streams (the train split does not depend on the
+    test split's size), each pixel the rounded mean of a 2x2 block; the same labels."""
+    mini = data.SOURCES["synthetic-mini"].load(Path("unused"))
+    x_train, y_train, x_test, y_test = data.make_synthetic(2_000, 1_000, seed=0)
+    assert mini.name == "synthetic-mini" and mini.num_classes == 10
+    assert tuple(mini.x_train.shape) == (2_000, 3, 16, 16) and tuple(mini.x_test.shape) == (1_000, 3, 16, 16)
+    block = x_train[:5].reshape(5, 16, 2, 16, 2, 3).mean((2, 4))
+    np.testing.assert_array_equal(np.asarray(mini.x_train[:5]).transpose(0, 2, 3, 1), (block + 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(mini.y_train), y_train)
+    np.testing.assert_array_equal(np.asarray(mini.y_test), y_test)

@@ -18,7 +18,7 @@ from conftest import ROOT, assert_clean_failure, run_script
 from helpers import FakeCuda, parsers_and_help
 from torch import nn
 
-import bench
+import benchmarks.main as bench
 import cli
 import engine
 import train_teacher

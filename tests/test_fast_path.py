@@ -17,7 +17,8 @@ from conftest import run_script
 from helpers import TOLERANCE, fast, reference, relative_error
 from torch import Tensor
 
-import bench
+import benchmarks.main as bench_cli
+from benchmarks import harness, measures
 from data import Batch
 from engine import TrainConfig
 from methods import METHODS, TeacherPass
@@ -32,9 +33,9 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def models() -> bench.Models:
+def models() -> harness.Models:
     """A small random-init teacher (BN-calibrated), its three heads and a student."""
-    return bench.make_models("res8", "res8", NUM_CLASSES)
+    return harness.make_models("res8", "res8", NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def config(**overrides: bool) -> TrainConfig:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", bench.STAGES)
+@pytest.mark.parametrize("kind", harness.STAGES)
 def test_fast_step_equals_plain_fp32_step(kind, variant, models, batch):
     cfg = config(**VARIANTS[variant])
     loss, grads = fast(kind, models, *batch, cfg)
@@ -78,7 +79,7 @@ def test_compiled_step_equals_plain_fp32_step(models, batch):
 def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, channels_last):
     """One teacher pass (no_grad) gives the logits of teacher(x) and of each head on its own features; DIH reads
     nothing else of it."""
-    stage = bench.fast_stage("dih", models, config(channels_last=channels_last), CPU)
+    stage = harness.fast_stage("dih", models, config(channels_last=channels_last), CPU)
     x = batch[0].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     outputs = stage.shared_pass(Batch(x, batch[1], None), stage.needs)
     assert outputs.taps is None and outputs.pooled is None
@@ -100,14 +101,15 @@ def test_cohort_once_equals_teacher_and_each_head_separately(models, batch, chan
 
 
 @pytest.fixture(scope="module")
-def workloads() -> dict[str, bench.Workload]:
-    plan = bench.Plan(warmup=0, steps=1, repeats=1)
-    return {variant: bench.Workload.build("res8", "res8", NUM_CLASSES, config(**VARIANTS.get(variant, {})), CPU, plan)
+def workloads() -> dict[str, measures.Workload]:
+    plan = harness.Plan(warmup=0, steps=1, repeats=1)
+    return {variant: measures.Workload.build("res8", "res8", NUM_CLASSES, config(**VARIANTS.get(variant, {})), CPU,
+                                             plan)
             for variant in ("fp32", "channels_last+bf16")}
 
 
 @pytest.mark.parametrize("variant", ["fp32", "channels_last+bf16"])
-@pytest.mark.parametrize("kind", bench.STAGES)
+@pytest.mark.parametrize("kind", harness.STAGES)
 def test_bench_paths_agree_on_a_batch(kind, variant, workloads):
     """bench.py's own check: its conventional foil and the fast path give one batch the same loss."""
     work = workloads[variant]
@@ -122,7 +124,7 @@ def test_bench_runs_and_ends_with_the_json_line():
                         "--steps", "1", "--warmup", "1", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(bench.JSON_KEYS) <= set(record)
+    assert set(bench_cli.JSON_KEYS) <= set(record)
     assert record["stage"] == "dih" and record["batch_size"] == BATCH and record["device"].startswith("cpu")
     assert record["fast_img_s"] > 0 and record["conventional_img_s"] > 0
     assert record["loss_check"]["ok"]
@@ -144,11 +146,11 @@ def slowed(call):
 def test_bench_reports_a_known_slowdown_of_the_conventional_step(monkeypatch, capsys):
     """The conventional step made DELAY slower: it can do BATCH / DELAY images a second at most, and the fast path,
     untouched, is the faster by the ratio (a timing that missed the step, or an inverted ratio, fails)."""
-    real = bench.conventional_step
-    monkeypatch.setattr(bench, "conventional_step", lambda *args: slowed(real(*args)))
+    real = measures.conventional_step
+    monkeypatch.setattr(measures, "conventional_step", lambda *args: slowed(real(*args)))
     argv = ["--gpu_id", "cpu", "--stages", "heads", "--teacher", "res8", "--num_classes", str(NUM_CLASSES),
             "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1"]
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["conventional_img_s"] <= BATCH / DELAY
     assert record["fast_img_s"] > BATCH / DELAY and record["ratio"] > 1.0
@@ -159,7 +161,7 @@ def test_bench_times_every_student_method_against_kd(capsys):
     assistant, so res20 teaches here (its assistant is res14)."""
     argv = ["--gpu_id", "cpu", "--stages", "dih", "--teacher", "res20", "--num_classes", str(NUM_CLASSES),
             "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1", "--methods"]
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     costs = {row["method"]: row for row in record["methods"]}
     assert list(costs) == [name for name, method in METHODS.items() if method.teacher != "none"]
@@ -169,14 +171,15 @@ def test_bench_times_every_student_method_against_kd(capsys):
 def test_bench_times_a_group_against_its_students_alone_and_projects_the_preset(capsys, monkeypatch):
     """`--group`: the students of one teacher as a group and each alone, their losses equal bit for bit on the CPU;
     `--project`: the preset's cost with and without groups, here for one teacher and four of its methods."""
+    from sweep.cost import PROJECTED
     from sweep.grid import PRESETS
 
-    monkeypatch.setitem(PRESETS[bench.PROJECTED], "methods", ["ce", "kd", "tofd", "dih"])
+    monkeypatch.setitem(PRESETS[PROJECTED], "methods", ["ce", "kd", "tofd", "dih"])
     argv = ["--gpu_id", "cpu", "--stages", "none", "--teacher", "res8", "--num_classes", str(NUM_CLASSES),
             "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1", "--group", "kd", "crd",
             "dih", "--project", "res14"]
     monkeypatch.setattr(TeacherPass, "__call__", slowed(TeacherPass.__call__))  # a teacher far dearer than a step
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (group,) = record["groups"]
     assert [s["method"] for s in group["students"]] == ["kd", "crd", "dih"]
@@ -192,14 +195,14 @@ def test_bench_times_a_group_against_its_students_alone_and_projects_the_preset(
 
 
 def test_bench_fails_when_the_paths_disagree(monkeypatch, capsys):
-    real = bench.conventional_step
+    real = measures.conventional_step
 
     def off_by_one(*args):
         step = real(*args)
         return lambda x, y: step(x, y) + 1.0
 
-    monkeypatch.setattr(bench, "conventional_step", off_by_one)
+    monkeypatch.setattr(measures, "conventional_step", off_by_one)
     argv = ["--gpu_id", "cpu", "--stages", "heads", "--teacher", "res8", "--num_classes", str(NUM_CLASSES),
             "--batch_size", str(BATCH), "--steps", "1", "--warmup", "0", "--repeats", "1"]
-    assert bench.main(argv) == 1
+    assert bench_cli.main(argv) == 1
     assert "losses differ for heads" in capsys.readouterr().err

@@ -1,17 +1,27 @@
 """`make gpu-check`: its runner survives a part that hangs, crashes or prints garbage, keeps every row as it comes,
-imports nothing but torch before the parts start; and without a GPU the whole check runs as a tiny CPU dry run."""
+imports nothing but torch and the standard library; the verdicts of the accuracy, concurrency and CUDA-test parts;
+and without a GPU the whole check runs as a tiny CPU dry run."""
 
 from __future__ import annotations
 
+import ast
+import collections
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, assert_clean_failure, run_script
 
 import gpu_check
 from gpu_check import RUNNER_S, Part
+from gpu_parts.accuracy import ACCURACY_MARGIN, accuracy_verdict
+from gpu_parts.common import Context, judged
+from gpu_parts.concurrency import concurrency_verdict
+from gpu_parts.cuda_tests import cuda_tests_verdict
+from gpu_parts.smoke import GROUP, smoke_table
+from methods import METHODS
 
 
 def fake(name: str, code: str, cap_s: float = 30) -> Part:
@@ -72,24 +82,85 @@ def test_parts_past_the_deadline_are_skipped(tmp_path):
 
 def test_the_runner_imports_nothing_but_torch_and_the_standard_library():
     """A torch/torchvision mismatch on the GPU box must fail a part, not the report: the project (cli, data, bench...)
-    and torchvision are imported by the parts' own processes only."""
+    and torchvision are imported by the parts' own processes only. By construction (gpu_check.py's import statements
+    name nothing else) and in fact (what importing it loads)."""
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / "gpu_check.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0] if not node.level else ".")
+    assert imported - set(sys.stdlib_module_names) == {"torch"}, imported
     code = ("import sys, torch; before = set(sys.modules); import gpu_check; "
             "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "['gpu_check', 'utils']", result.stderr
+    assert result.stdout.strip() == "['gpu_check']", result.stderr
 
 
 def test_the_budget_table_adds_up_to_seven_minutes():
     """The caps of every part but the last, the last part's own minimum, and the runner's share: 420 s."""
     assert sum(part.cap_s for part in gpu_check.PARTS) + RUNNER_S == gpu_check.BUDGET_S == 420
     assert [part.rest for part in gpu_check.PARTS] == [False] * (len(gpu_check.PARTS) - 1) + [True]
-    smoke = gpu_check.smoke_table(ROOT)
-    assert {entry.name for entry in smoke} >= {"teacher", "heads", "ce", "kd", "fitnets", "takd", "at", "crd", "tofd",
-                                               "mhkd", "dih", "group"}
-    group = next(entry for entry in smoke if entry.name == "group")  # several students in one process, each its folder
-    assert group.group and group.argv[group.argv.index("--method") + 1:][:len(group.group)] == list(group.group)
-    assert group.out_flags(ROOT)[::2] == [f"--{method}.out_dir" for method in group.group]
+
+
+def test_the_smoke_table_runs_every_method_of_the_registry():
+    """Built from METHODS: a method added there is smoke-tested without touching the table, each with the teacher
+    (and heads, assistant) its record asks for."""
+    smoke = {entry.name: entry for entry in smoke_table(ROOT)}
+    assert set(smoke) == {"teacher", "tofd_teacher", "heads", *METHODS, "group"}
+    for name, method in METHODS.items():
+        argv = smoke[name].argv
+        assert argv[argv.index("--method") + 1] == name
+        assert ("--teacher_ckpt" in argv) == (method.teacher != "none"), name
+        assert ("tofd_teacher" in smoke[name].needs) == (method.teacher == "tofd"), name
+        assert ("--heads_ckpt" in argv) == method.heads and ("--ta_ckpt" in argv) == method.assistant, name
+    group = smoke["group"]  # several students in one process, each its folder
+    assert group.group == GROUP and group.argv[group.argv.index("--method") + 1:][:len(GROUP)] == list(GROUP)
+    assert group.out_flags(ROOT)[::2] == [f"--{method}.out_dir" for method in GROUP]
+
+
+@pytest.mark.parametrize(("bf16", "fp32", "ok", "note"), [
+    ([89.1, 90.6, 87.6], [88.7, 91.6, 89.6], True, "the means differ by -0.87 points"),
+    ([85.0, 86.0, 87.0], [89.0, 90.0, 88.0], False, "the means differ by -3.00 points, more than 2.0"),
+    ([91.0, 92.0, 93.0], [88.0, 89.0, 90.0], False, "+3.00 points"),  # a gap either way is a finding
+    ([10.0, 10.0, 10.0], [10.0, 10.0, 10.0], False, "fp32 reached 10.00%: it did not learn"),
+    ([89.0, 90.0], [89.0, 90.0, 91.0], False, "2 bf16 and 3 fp32 runs of 3 each finished"),
+])
+def test_the_accuracy_verdict_holds_bf16_within_its_margin_of_fp32(bf16, fp32, ok, note):
+    verdict = accuracy_verdict(bf16, fp32, seeds=3)
+    assert verdict["ok"] is ok and note in verdict["note"] and verdict["margin"] == ACCURACY_MARGIN == 2.0
+
+
+@pytest.mark.parametrize(("aggregates", "ok", "note"), [
+    ({1: 1000.0, 2: 1900.0, 4: 3100.0, 8: 2950.0}, True, "--jobs 4 gives the most images/s"),
+    ({1: 1000.0, 2: 980.0, 4: 950.0, 8: 930.0}, True, "--jobs 1 gives the most images/s"),  # within the noise
+    ({1: 1000.0, 2: 1500.0, 4: 800.0, 8: 400.0}, False, "8 processes at once give 0.40x one process's images/s"),
+    ({1: 1000.0, 2: 1500.0}, False, "levels 4, 8 did not finish"),
+])
+def test_the_concurrency_verdict_fails_a_level_that_loses_throughput(aggregates, ok, note):
+    verdict = concurrency_verdict(aggregates, (1, 2, 4, 8))
+    assert verdict["ok"] is ok and verdict["note"] == note
+
+
+@pytest.mark.parametrize(("code", "outcomes", "on_gpu", "ok", "note"), [
+    (0, {"passed": 40, "skipped": 2}, True, True, "40 passed, 2 skipped"),
+    (0, {"skipped": 42}, True, False, "all 42 skipped: none ran on the GPU"),
+    (1, {"passed": 40, "failed": 1}, True, False, "1 failed"),
+    (5, {}, True, False, "no CUDA test was collected"),
+    (0, {"skipped": 42}, False, True, "0 passed, 42 skipped"),  # the CPU dry run: skipping is right there
+    (5, {}, False, False, "no CUDA test was collected"),
+])
+def test_the_cuda_tests_verdict_needs_tests_that_ran(code, outcomes, on_gpu, ok, note):
+    verdict = cuda_tests_verdict(code, collections.Counter(outcomes), on_gpu)
+    assert verdict["ok"] is ok and note in verdict["note"]
+
+
+def test_a_dry_run_shows_a_verdict_without_judging_it(tmp_path):
+    verdict = accuracy_verdict([10.0], [90.0], seeds=1)
+    assert judged(Context("0", tmp_path, dry=False), verdict) == verdict
+    shown = judged(Context("cpu", tmp_path, dry=True), verdict)
+    assert "ok" not in shown and shown["note"].startswith("CPU dry run, not judged (would be not ok): the means")
 
 
 def test_bad_flags_are_one_line(tmp_path):
@@ -131,13 +202,16 @@ def test_make_gpu_check_without_a_gpu_is_a_dry_run(tmp_path):
         if "row" in record:
             rows.setdefault(record["part"], []).append(record["row"])
     smoke = [row for row in rows["smoke"] if "entry" in row]
-    assert {row["entry"] for row in smoke} == {entry.name for entry in gpu_check.smoke_table(ROOT)}
+    assert {row["entry"] for row in smoke} == {entry.name for entry in smoke_table(ROOT)}
     assert all(row["ok"] and row["compile"] == "off" for row in smoke)
     assert all(row["loss_check"]["ok"] for row in rows["bench_dih"] + rows["bench_teacher"])
     assert [row["stage"] for row in rows["bench_teacher"]] == ["teacher", "heads"]
-    assert [row["processes"] for row in rows["concurrency"]] == [1, 2]
+    assert [row["processes"] for row in rows["concurrency"] if "processes" in row] == [1, 2]
     assert {row["amp"] for row in rows["accuracy"] if "final_test_acc" in row} == {"on", "off"}
+    for part in ("concurrency", "accuracy"):  # shown, not judged
+        assert rows[part][-1]["verdict"] and rows[part][-1]["note"].startswith("CPU dry run, not judged"), part
     tests = [row for row in rows["cuda_tests"] if "test" in row]
     assert len(tests) > 10 and all(row["outcome"] == "skipped" for row in tests)
+    assert rows["cuda_tests"][-1]["ok"] and rows["cuda_tests"][-1]["skipped"] == len(tests)
     report = (tmp_path / "gpu_check.md").read_text()
     assert "CPU dry run, no GPU" in report and "| entry | compile | ok |" in report

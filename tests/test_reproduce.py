@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -315,7 +319,11 @@ def test_bad_input_is_one_line_on_stderr():
 
 
 def test_a_second_sweep_on_the_same_runs_is_refused(tmp_path):
-    with exclusive(tmp_path / "synthetic"), pytest.raises(UserError, match="another reproduce.py"):
+    from data import dataset_tag
+    from sweep.grid import PRESETS
+
+    with exclusive(tmp_path / dataset_tag(PRESETS["demo"]["dataset"])), pytest.raises(UserError,
+                                                                                     match="another reproduce.py"):
         reproduce.main(["--preset", "demo", "--runs_dir", str(tmp_path)])
 
 
@@ -346,3 +354,66 @@ def test_a_finished_run_on_an_npz_is_recognised_by_the_file_content(tmp_path):
     save_npz(npz, *make_synthetic(32, 16, seed=1))  # regenerated in place
     with pytest.raises(UserError, match="holds another run \\(dataset='npz:set:[0-9a-f]{12}', this sweep asks for"):
         is_finished(teacher, sweep.dataset)
+
+
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`, from /proc (zombies, which have ended, left out)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_killed_sweep_leaves_no_stage_run_behind(tiny_npz, tmp_path):
+    """SIGKILL gives reproduce.py no chance to stop its runs: the kernel does, on its death (PR_SET_PDEATHSIG).
+    The teacher is given epochs enough to outlive the check by far, were it left running."""
+    argv = tiny_sweep(tiny_npz, tmp_path, "--methods", "ce", "--epochs", "500")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "reproduce.py"), *argv], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not stage and sweep.poll() is None and time.monotonic() < deadline:
+            stage = children_of(sweep.pid)
+            time.sleep(0.05)
+        assert stage, "no stage run started"
+        time.sleep(1)  # well into its start-up
+        sweep.kill()
+        sweep.wait()
+        deadline = time.monotonic() + 10
+        while is_alive(stage[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_alive(stage[0]), "the stage run outlived the sweep"
+    finally:
+        for pid in stage:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+
+
+def test_the_demo_runs_two_processes_at_a_time_unless_told_otherwise(tmp_path, monkeypatch):
+    """The demo preset's own --jobs (2: one thread each on two cores), which the flag overrides."""
+    from sweep.graph import Outcome
+
+    jobs: list[int] = []
+    monkeypatch.setattr(reproduce, "execute", lambda nodes, dataset, n, gpus: jobs.append(n) or Outcome(nodes))
+    monkeypatch.setattr(reproduce, "report", lambda sweep: "")
+    where = ["--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
+    for extra in ([], ["--jobs", "1"]):
+        reproduce.main(["--preset", "demo", *where, *extra])
+    reproduce.main(["--teachers", "res8", "--dataset", "synthetic", *where])
+    assert jobs == [2, 1, 1]
