@@ -336,6 +336,7 @@ def build_heads(ckpt: dict[str, Any], teacher_identity: dict[str, Any], device: 
             f"{ckpt['teacher'].get(mismatch)!r}, this teacher has {teacher_identity[mismatch]!r}); "
             "run train_heads.py for this teacher"
         )
-    heads = IntermediateHeads([(name, tuple(shape)) for name, shape in ckpt["taps"]], ckpt["num_classes"])
+    heads = IntermediateHeads([(name, tuple(shape)) for name, shape in ckpt["taps"]], ckpt["num_classes"],
+                              ckpt.get("grid"))
     load_weights(heads, ckpt, "--heads_ckpt")
     return heads.to(device).eval().requires_grad_(False)

@@ -1,5 +1,6 @@
 """Model registry: every teacher and student the scripts can name, built by `build_model`.
 
+torchvision's ImageNet models keep torchvision's names (resnet18, resnet34, resnet50, mobilenet_v2).
 RepDistiller's benchmark models under our names: resnet8..resnet110 are res8..res110, resnet8x4 and
 resnet32x4 are res8x4 and res32x4, vgg8 and vgg13 (its vgg8_bn, vgg13_bn) are vgg8 and vgg13, and wrn_16_2,
 wrn_40_1, wrn_40_2 keep their names (`REPDISTILLER_NAMES`). Its vgg11 is not our vgg11 (the DIH authors').
@@ -12,6 +13,7 @@ from .base import Features, TapModel
 from .fold import count_batchnorms, fold_batchnorm
 from .resnet import ResNet
 from .resnet_cifar import WIDTHS_X4, CifarResNet
+from .torchvision_nets import TorchvisionMobileNetV2, TorchvisionResNet
 from .vgg import VGG11, BenchmarkVGG
 from .wrn import WideResNet
 
@@ -37,6 +39,11 @@ _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "wrn_28_2": partial(WideResNet, 28, 2),
     "wrn_40_1": partial(WideResNet, 40, 1),
     "wrn_40_2": partial(WideResNet, 40, 2),
+    # torchvision's ImageNet models, under torchvision's names (models/torchvision_nets.py)
+    "resnet18": partial(TorchvisionResNet, "resnet18"),
+    "resnet34": partial(TorchvisionResNet, "resnet34"),
+    "resnet50": partial(TorchvisionResNet, "resnet50"),
+    "mobilenet_v2": TorchvisionMobileNetV2,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
