@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import torch
 
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
-from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_dataset
+from data import DEFAULT_PAD_MODE, PAD_MODES, Dataset, dataset_tag, is_streamed, load_dataset
 from data.base import one_line
 from engine import EXTRAS_FILE, RESUME_FILE, TrainConfig
 from heads import IntermediateHeads
@@ -87,8 +87,15 @@ def common_parser(description: str) -> Parser:
     """Flags every stage takes; defaults are the paper's (Table 2 of the original README)."""
     p = Parser(description=description)
     p.add_argument("--dataset", default="cifar100",
-                   help="cifar10, cifar100, tinyimagenet, synthetic, or a PATH.npz of your own")
-    p.add_argument("--data_dir", default="./data", help="where CIFAR and Tiny-ImageNet are downloaded to / read from")
+                   help="cifar10, cifar100, tinyimagenet, synthetic, imagenet (in --data_dir), a PATH.npz of your own, "
+                        "or a folder of images PATH with train/<class>/* and val/<class>/*")
+    p.add_argument("--data_dir", default="./data",
+                   help="where CIFAR and Tiny-ImageNet are downloaded to / read from; ILSVRC-2012's folder")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="image folders and imagenet: the side of the training and evaluation crops (default: 224; "
+                        "evaluation resizes to S*256/224 first)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image folders and imagenet: decoding processes (default: one per usable CPU; 0: none)")
     p.add_argument("--data_url", default=None,
                    help="a mirror of the dataset's archive (http, https, file:// or a path; default: the official URL)")
     p.add_argument("--epochs", type=int, default=200)
@@ -253,9 +260,13 @@ def build(name: str, num_classes: int, device: torch.device, channels_last: bool
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
-def load_data(args: argparse.Namespace, device: torch.device) -> DeviceDataset:
+def load_data(args: argparse.Namespace, device: torch.device) -> Dataset:
     """The dataset named by --dataset, held on `device` (bad data raises `data.DataError`, a `UserError`)."""
-    return load_dataset(args.dataset, args.data_dir, device, url=args.data_url)
+    if is_streamed(args.dataset) and args.pad_mode != DEFAULT_PAD_MODE:
+        raise UserError("--pad_mode is the padded crop's of the datasets held on the device; image folders and "
+                        "imagenet take RandomResizedCrop")
+    return load_dataset(args.dataset, args.data_dir, device, url=args.data_url, image_size=args.image_size,
+                        workers=args.workers)
 
 
 def print_model_summary(model: torch.nn.Module, device: torch.device, image_size: int) -> None:
@@ -297,7 +308,7 @@ def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None
     return ckpt
 
 
-def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: torch.device, cfg: TrainConfig,
+def build_teacher(ckpt: dict[str, Any], name: str, data: Dataset, device: torch.device, cfg: TrainConfig,
                   fold: bool = True):
     """The frozen teacher from `read_teacher`'s checkpoint, checked against the data; and its identity.
 

@@ -39,7 +39,8 @@ RESUME_FILE = "last.pt"
 EXTRAS_FILE = "extras.pt"
 # Arguments that may change when a run is resumed: where and how fast it runs, where it reads and writes. The
 # effective precision (which --amp gives on the device) is checked on its own.
-RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "amp", "compile", "summary"})
+RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "amp", "compile", "summary",
+                               "workers"})
 
 StepOutput = tuple[Tensor, list[Tensor]]  # (loss, logits of each classifier being trained)
 Needs = frozenset[str]  # what a phase reads of its stage's shared pass (see `SharedPass`)
@@ -661,7 +662,7 @@ def fit(
     With `resume`, a finished run is returned as it is and an interrupted one continues from its
     last completed epoch (in whichever phase), ending bit-identical to an uninterrupted run on the CPU.
     """
-    return fit_group([Run(stage, cfg, data.x_train.device, out_dir, args)], data, resume, log)[0]
+    return fit_group([Run(stage, cfg, data.device, out_dir, args)], data, resume, log)[0]
 
 
 def fit_group(runs: list[Run], data: DeviceDataset, resume: bool = False,
@@ -704,7 +705,7 @@ def _train_epoch(cohort: list[Run], epoch: int, data: DeviceDataset, group_step:
     """Train `epoch` for every run of the cohort on one draw of batches; record it for each run whose loss stayed
     finite. Returns the others with their message."""
     started = time.perf_counter()
-    cfg, device = cohort[0].cfg, data.x_train.device
+    cfg, device = cohort[0].cfg, data.device
     generator = cohort[0].generator
     state = generator.get_state()
     if any(not torch.equal(run.generator.get_state(), state) for run in cohort[1:]):
@@ -762,7 +763,7 @@ def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: Train
     """Per named classifier: (mean cross-entropy, accuracy in percent) over the test set."""
     stage.trainable.eval()
     sums: dict[str, Tensor] = {}
-    with torch.inference_mode(), autocast(cfg, data.x_test.device):
+    with torch.inference_mode(), autocast(cfg, data.device):
         for x, y in test_batches(data, cfg.eval_batch_size, channels_last=cfg.channels_last):
             for name, logits in eval_step(x).items():
                 logits = logits.float()
