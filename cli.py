@@ -19,6 +19,7 @@ import torch
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
 from data import DEFAULT_PAD_MODE, PAD_MODES, Dataset, dataset_tag, is_streamed, load_dataset
 from data.base import one_line
+from data.streaming import DECODERS
 from engine import EXTRAS_FILE, RESUME_FILE, TrainConfig
 from heads import IntermediateHeads
 from models import TapModel, build_model, fold_batchnorm
@@ -96,6 +97,10 @@ def common_parser(description: str) -> Parser:
                         "evaluation resizes to S*256/224 first)")
     p.add_argument("--workers", type=int, default=None,
                    help="image folders and imagenet: decoding processes (default: one per usable CPU; 0: none)")
+    # None rather than "workers" when absent: runs stored before this flag existed still --resume.
+    p.add_argument("--decode", choices=DECODERS, default=None,
+                   help="image folders and imagenet: JPEGs decoded by the workers (default), or on the GPU in batches "
+                        "(nvjpeg; untested on a GPU so far)")
     p.add_argument("--data_url", default=None,
                    help="a mirror of the dataset's archive (http, https, file:// or a path; default: the official URL)")
     p.add_argument("--epochs", type=int, default=200)
@@ -266,7 +271,7 @@ def load_data(args: argparse.Namespace, device: torch.device) -> Dataset:
         raise UserError("--pad_mode is the padded crop's of the datasets held on the device; image folders and "
                         "imagenet take RandomResizedCrop")
     return load_dataset(args.dataset, args.data_dir, device, url=args.data_url, image_size=args.image_size,
-                        workers=args.workers)
+                        workers=args.workers, decode=args.decode or "workers")
 
 
 def print_model_summary(model: torch.nn.Module, device: torch.device, image_size: int) -> None:

@@ -83,14 +83,15 @@ def source_for(spec: str) -> Source:
 
 def load_dataset(
     spec: str, data_dir: str | Path, device: torch.device, *, url: str | None = None, source: Source | None = None,
-    image_size: int | None = None, workers: int | None = None,
+    image_size: int | None = None, workers: int | None = None, decode: str = "workers",
 ) -> Dataset:
     """Load ``spec`` (a name of `BUILTIN` or a .npz path) onto ``device``, or stream a folder of images.
 
     Archives are read from, or downloaded into, ``data_dir``; ``url`` is a mirror of the archive
     (--data_url); ``source`` replaces the built-in description (tests use it to serve small archives).
     A folder (or `imagenet`: ILSVRC-2012 in ``data_dir``) is scanned and streamed at ``image_size`` pixels
-    (default 224), decoded by ``workers`` processes (default: one per usable CPU).
+    (default 224), decoded by ``workers`` processes (default: one per usable CPU), or read by them and decoded
+    on the GPU (``decode="nvjpeg"``).
     """
     if source is None and _is_folder(spec):
         if url is not None:
@@ -99,7 +100,7 @@ def load_dataset(
         root = Path(data_dir) if spec == IMAGENET else Path(spec)
         index = index_folder(root, imagenet=spec == IMAGENET)
         return streaming.streaming_dataset(index, device, image_size or DEFAULT_IMAGE_SIZE,
-                                           default_workers() if workers is None else workers)
+                                           default_workers() if workers is None else workers, decode)
     if image_size is not None:
         raise DataError(f"--image_size applies to folders of images and imagenet; {spec} has its own size")
     source = source or source_for(spec)

@@ -156,6 +156,9 @@ def test_folder_flags_are_checked(folder, tiny_npz, tmp_path):
     result = run_script("train_teacher.py", "--dataset", "imagenet", "--data_dir", str(folder),
                         "--out_dir", str(tmp_path / "c"), "--gpu_id", "cpu")
     assert_clean_failure(result, "holds 3 class folders; ILSVRC-2012 has 1000")
+    result = run_script("train_teacher.py", "--model", "resnet18", "--dataset", str(folder), "--decode", "nvjpeg",
+                        "--out_dir", str(tmp_path / "d"), "--gpu_id", "cpu")
+    assert_clean_failure(result, "--decode nvjpeg decodes on a CUDA GPU; this run is on cpu")
 
 
 def test_three_stages_on_an_image_folder_with_a_group_of_students(folder, tmp_path, monkeypatch, capsys):
