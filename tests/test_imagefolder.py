@@ -96,6 +96,8 @@ def test_epochs_are_independent_of_the_workers_and_replay_from_the_generator(fol
         assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     x, y, index = batches[0][0]
     assert x.dtype == torch.float32 and x.shape == (8, 3, 32, 32) and torch.equal(y, data.y_train[index])
+    last = next(iter(train_batches(data, 8, torch.Generator().manual_seed(5), channels_last=True))).x
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, batches[0][0][0])
     again = [b.x for b in train_batches(data, 8, torch.Generator().manual_seed(6))]
     assert not torch.equal(again[0], batches[0][0][0])
     (x_test, y_test), = test_batches(data, 100)
