@@ -60,7 +60,8 @@ def is_streamed(spec: str) -> bool:
 
 
 def _is_folder(spec: str) -> bool:
-    return spec == IMAGENET or (spec not in BUILTIN and Path(spec).expanduser().is_dir())
+    npz = spec.lower().endswith(".npz")
+    return spec == IMAGENET or (spec not in BUILTIN and not npz and Path(spec).expanduser().is_dir())
 
 
 def dataset_tag(spec: str) -> str:
