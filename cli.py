@@ -271,7 +271,7 @@ def load_data(args: argparse.Namespace, device: torch.device) -> Dataset:
         raise UserError("--pad_mode is the padded crop's of the datasets held on the device; image folders and "
                         "imagenet take RandomResizedCrop")
     return load_dataset(args.dataset, args.data_dir, device, url=args.data_url, image_size=args.image_size,
-                        workers=args.workers, decode=args.decode or "workers")
+                        workers=args.workers, decode=args.decode)
 
 
 def print_model_summary(model: torch.nn.Module, device: torch.device, image_size: int) -> None:

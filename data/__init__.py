@@ -84,7 +84,7 @@ def source_for(spec: str) -> Source:
 
 def load_dataset(
     spec: str, data_dir: str | Path, device: torch.device, *, url: str | None = None, source: Source | None = None,
-    image_size: int | None = None, workers: int | None = None, decode: str = "workers",
+    image_size: int | None = None, workers: int | None = None, decode: str | None = None,
 ) -> Dataset:
     """Load ``spec`` (a name of `BUILTIN` or a .npz path) onto ``device``, or stream a folder of images.
 
@@ -101,9 +101,12 @@ def load_dataset(
         root = Path(data_dir) if spec == IMAGENET else Path(spec)
         index = index_folder(root, imagenet=spec == IMAGENET)
         return streaming.streaming_dataset(index, device, image_size or DEFAULT_IMAGE_SIZE,
-                                           default_workers() if workers is None else workers, decode)
+                                           default_workers() if workers is None else workers, decode or "workers")
     if image_size is not None:
         raise DataError(f"--image_size applies to folders of images and imagenet; {spec} has its own size")
+    for flag, value in (("workers", workers), ("decode", decode)):
+        if value is not None:
+            raise DataError(f"--{flag} applies to folders of images and imagenet; {spec} is held on the device")
     source = source or source_for(spec)
     if url is not None:
         if not isinstance(source, DOWNLOADED):

@@ -35,7 +35,7 @@ from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderIndex
 CROP_SCALE = (0.08, 1.0)  # torchvision.transforms.RandomResizedCrop's defaults
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 RESIZE_PER_CROP = 256 / 224  # evaluation: Resize(256), CenterCrop(224), scaled with the image size
-PREFETCH = 4  # batches each worker decodes ahead
+PREFETCH = 2  # batches each worker decodes ahead (in shared memory: /dev/shm must hold workers x 2 batches)
 DECODERS = ("workers", "nvjpeg")
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 

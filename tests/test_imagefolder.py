@@ -152,6 +152,8 @@ def test_folder_flags_are_checked(folder, tiny_npz, tmp_path):
     result = run_script("train_teacher.py", "--model", "resnet18", "--dataset", str(tiny_npz), "--image_size", "64",
                         "--out_dir", str(tmp_path / "a"), "--gpu_id", "cpu")
     assert_clean_failure(result, "--image_size applies to folders of images and imagenet")
+    with pytest.raises(DataError, match="--workers applies to folders of images and imagenet"):
+        load_dataset(str(tiny_npz), "unused", CPU, workers=2)
     result = run_script("train_teacher.py", "--model", "resnet18", "--dataset", str(folder), "--pad_mode", "reflect",
                         "--out_dir", str(tmp_path / "b"), "--gpu_id", "cpu")
     assert_clean_failure(result, "--pad_mode is the padded crop's")
