@@ -204,3 +204,22 @@ def test_three_stages_on_an_image_folder_with_a_group_of_students(folder, tmp_pa
 def untimed(out: Path) -> list[dict]:
     """A run's metrics without the measured seconds."""
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in metrics_lines(out)]
+
+
+def test_the_nvjpeg_path_crops_as_the_workers_do(folder, monkeypatch):
+    """--decode nvjpeg's logic on the CPU (no GPU here): torchvision's batched decode_jpeg with its device argument
+    dropped, PNGs through the per-file fallback; the batches equal the workers' for the same generator. The GPU
+    itself (nvjpeg, crops on the device) stays untested."""
+    import dataclasses
+
+    from torchvision.io import decode_jpeg
+
+    import data.streaming as streaming
+
+    monkeypatch.setattr(streaming, "decode_jpeg", lambda raw, mode, device: decode_jpeg(raw, mode=mode))
+    workers = load_dataset(str(folder), "unused", CPU, image_size=32, workers=0)
+    nvjpeg = dataclasses.replace(workers, decode="nvjpeg")
+    train = [[b.x for b in train_batches(ds, 8, torch.Generator().manual_seed(3))] for ds in (workers, nvjpeg)]
+    tests = [[x for x, _ in test_batches(ds, 4)] for ds in (workers, nvjpeg)]
+    for first, second in (train, tests):
+        assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
