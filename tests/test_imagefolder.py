@@ -4,6 +4,7 @@ transforms, random streams independent of the workers, and all three stages on a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from checkpoint import load_checkpoint
 from data import DataError, StreamingDataset, load_dataset, num_train_batches, test_batches, train_batches
 from data.imagefolder import index_folder
 from data.streaming import crop_box, decode_rgb, eval_view
+from utils import UserError
 
 CPU = torch.device("cpu")
 # 64 pixels: at 32 torchvision's ResNets end on 1x1 maps, whose batch norms on 8 images a batch leave a teacher's
@@ -148,21 +150,20 @@ def test_a_truncated_jpeg_is_named_when_decoded(folder, tmp_path):
         list(test_batches(data, 4))
 
 
-def test_folder_flags_are_checked(folder, tiny_npz, tmp_path):
-    result = run_script("train_teacher.py", "--model", "resnet18", "--dataset", str(tiny_npz), "--image_size", "64",
-                        "--out_dir", str(tmp_path / "a"), "--gpu_id", "cpu")
-    assert_clean_failure(result, "--image_size applies to folders of images and imagenet")
-    with pytest.raises(DataError, match="--workers applies to folders of images and imagenet"):
-        load_dataset(str(tiny_npz), "unused", CPU, workers=2)
-    result = run_script("train_teacher.py", "--model", "resnet18", "--dataset", str(folder), "--pad_mode", "reflect",
-                        "--out_dir", str(tmp_path / "b"), "--gpu_id", "cpu")
-    assert_clean_failure(result, "--pad_mode is the padded crop's")
-    result = run_script("train_teacher.py", "--dataset", "imagenet", "--data_dir", str(folder),
-                        "--out_dir", str(tmp_path / "c"), "--gpu_id", "cpu")
-    assert_clean_failure(result, "holds 3 class folders; ILSVRC-2012 has 1000")
-    result = run_script("train_teacher.py", "--model", "resnet18", "--dataset", str(folder), "--decode", "nvjpeg",
-                        "--out_dir", str(tmp_path / "d"), "--gpu_id", "cpu")
-    assert_clean_failure(result, "--decode nvjpeg decodes on a CUDA GPU; this run is on cpu")
+@pytest.mark.parametrize(("dataset", "flags", "says"), [
+    ("npz", ["--image_size", "64"], "--image_size applies to folders of images and imagenet"),
+    ("npz", ["--workers", "2"], "--workers applies to folders of images and imagenet"),
+    ("folder", ["--pad_mode", "reflect"], "--pad_mode is the padded crop's"),
+    ("folder", ["--decode", "nvjpeg"], "--decode nvjpeg decodes on a CUDA GPU; this run is on cpu"),
+    ("imagenet", [], "holds 3 class folders; ILSVRC-2012 has 1000"),
+])
+def test_folder_flags_are_checked(folder, tiny_npz, tmp_path, dataset, flags, says):
+    where = {"npz": ["--dataset", str(tiny_npz)], "folder": ["--dataset", str(folder)],
+             "imagenet": ["--dataset", "imagenet", "--data_dir", str(folder)]}[dataset]
+    with pytest.raises(UserError, match=re.escape(says)) as caught:
+        train_teacher.main(["--model", "resnet18", *where, *flags, "--out_dir", str(tmp_path / "out"),
+                            "--gpu_id", "cpu"])
+    assert "\n" not in str(caught.value)
 
 
 def test_three_stages_on_an_image_folder_with_a_group_of_students(folder, tmp_path, monkeypatch, capsys):
