@@ -87,6 +87,8 @@ def decode_rgb(data: bytes, path: str) -> Tensor:
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[0].rpartition(", ")[2] if str(exc).strip() else "corrupt"
         raise DataError(f"{path} could not be decoded as an image ({reason})") from None
+    if image.ndim == 4:  # an animated GIF: its first frame, as PIL opens it
+        image = image[0]
     return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs
 
 

@@ -3,6 +3,7 @@ transforms, random streams independent of the workers, and all three stages on a
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -61,6 +62,15 @@ def test_grayscale_cmyk_and_png_decode_to_rgb_as_pil_does(folder):
         reference = np.asarray(Image.open(path).convert("RGB"))
         assert image.dtype == torch.uint8 and image.shape[0] == 3
         assert np.abs(image.permute(1, 2, 0).numpy().astype(int) - reference).max() <= 1, path.name
+
+
+def test_an_animated_gif_and_a_webp_decode_as_pil_opens_them(tmp_path):
+    frames = [Image.open(io.BytesIO(image_bytes(np.random.default_rng(i), 30, 40))).convert("P") for i in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    frames[1].convert("RGBA").save(tmp_path / "b.webp", lossless=True)
+    for path in (tmp_path / "a.gif", tmp_path / "b.webp"):
+        image = decode_rgb(path.read_bytes(), str(path))
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), np.asarray(Image.open(path).convert("RGB"))), path
 
 
 def test_evaluation_view_is_torchvisions_resize_and_centre_crop():
