@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import expect_match, identity, load_checkpoint, load_weights, model_fingerprint
 from cli import default_dir
-from data import DeviceDataset, dataset_tag
+from data import Dataset, dataset_tag
 from engine import EXTRAS_FILE, RESUME_FILE, TrainConfig
 from heads import IntermediateHeads
 from models import TapModel, build_model, fold_batchnorm
@@ -81,7 +81,7 @@ def read_teacher(args: argparse.Namespace, name: str, variant: str | None = None
     return ckpt
 
 
-def build_teacher(ckpt: dict[str, Any], name: str, data: DeviceDataset, device: torch.device, cfg: TrainConfig,
+def build_teacher(ckpt: dict[str, Any], name: str, data: Dataset, device: torch.device, cfg: TrainConfig,
                   fold: bool = True):
     """The frozen teacher from `read_teacher`'s checkpoint, checked against the data; and its identity.
 
@@ -125,6 +125,7 @@ def build_heads(ckpt: dict[str, Any], teacher_identity: dict[str, Any], device: 
             f"{ckpt['teacher'].get(mismatch)!r}, this teacher has {teacher_identity[mismatch]!r}); "
             "run train_heads.py for this teacher"
         )
-    heads = IntermediateHeads([(name, tuple(shape)) for name, shape in ckpt["taps"]], ckpt["num_classes"])
+    heads = IntermediateHeads([(name, tuple(shape)) for name, shape in ckpt["taps"]], ckpt["num_classes"],
+                              ckpt.get("grid"))
     load_weights(heads, ckpt, "--heads_ckpt")
     return heads.to(device).eval().requires_grad_(False)

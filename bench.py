@@ -8,6 +8,7 @@ conventional one. The code is in benchmarks/ (its docstring says what is measure
     python3 bench.py --ablation fold channels_last   # + only those two flipped
     python3 bench.py --stages none --group kd at crd dih  # students of one teacher as a group, against each alone
     python3 bench.py --stages none --project   # reproduce.py --preset paper-cifar100's cost with and without groups
+    python3 bench.py pipeline --images 1024 --workers 2   # image folders' streaming input against ImageFolder + PIL
 """
 
 import sys

@@ -15,8 +15,9 @@ from typing import Any, NoReturn
 
 import torch
 
-from data import DEFAULT_PAD_MODE, PAD_MODES, DeviceDataset, dataset_tag, load_dataset
+from data import DEFAULT_PAD_MODE, PAD_MODES, Dataset, dataset_tag, is_streamed, load_dataset
 from data.base import one_line
+from data.streaming import DECODERS
 from engine import TrainConfig
 from execution import COMPILE_MODES, choose_execution, cpu_execution_inputs
 from utils import UserError, check_seed, parse_schedule, resolve_device
@@ -76,8 +77,19 @@ def common_parser(description: str) -> Parser:
     """Flags every stage takes; defaults are the paper's (Table 2 of the original README)."""
     p = Parser(description=description)
     p.add_argument("--dataset", default="cifar100",
-                   help="cifar10, cifar100, tinyimagenet, synthetic, or a PATH.npz of your own")
-    p.add_argument("--data_dir", default="./data", help="where CIFAR and Tiny-ImageNet are downloaded to / read from")
+                   help="cifar10, cifar100, tinyimagenet, synthetic, imagenet (in --data_dir), a PATH.npz of your own, "
+                        "or a folder of images PATH with train/<class>/* and val/<class>/*")
+    p.add_argument("--data_dir", default="./data",
+                   help="where CIFAR and Tiny-ImageNet are downloaded to / read from; ILSVRC-2012's folder")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="image folders and imagenet: the side of the training and evaluation crops (default: 224; "
+                        "evaluation resizes to S*256/224 first)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image folders and imagenet: decoding processes (default: one per usable CPU; 0: none)")
+    # None rather than "workers" when absent: runs stored before this flag existed still --resume.
+    p.add_argument("--decode", choices=DECODERS, default=None,
+                   help="image folders and imagenet: JPEGs decoded by the workers (default), or on the GPU in batches "
+                        "(nvjpeg; untested on a GPU so far)")
     p.add_argument("--data_url", default=None,
                    help="a mirror of the dataset's archive (http, https, file:// or a path; default: the official URL)")
     p.add_argument("--epochs", type=int, default=200)
@@ -202,9 +214,13 @@ def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "reru
         sys.exit(2)
 
 
-def load_data(args: argparse.Namespace, device: torch.device) -> DeviceDataset:
+def load_data(args: argparse.Namespace, device: torch.device) -> Dataset:
     """The dataset named by --dataset, held on `device` (bad data raises `data.DataError`, a `UserError`)."""
-    return load_dataset(args.dataset, args.data_dir, device, url=args.data_url)
+    if is_streamed(args.dataset) and args.pad_mode != DEFAULT_PAD_MODE:
+        raise UserError("--pad_mode is the padded crop's of the datasets held on the device; image folders and "
+                        "imagenet take RandomResizedCrop")
+    return load_dataset(args.dataset, args.data_dir, device, url=args.data_url, image_size=args.image_size,
+                        workers=args.workers, decode=args.decode)
 
 
 def print_model_summary(model: torch.nn.Module, device: torch.device, image_size: int) -> None:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoint import expect_match, load_checkpoint, load_weights, model_fingerprint, save_checkpoint
 from cuda_graphs import GraphedStep
-from data import DEFAULT_PAD_MODE, Batch, DeviceDataset, num_train_batches, test_batches, train_batches
+from data import DEFAULT_PAD_MODE, Batch, Dataset, num_train_batches, test_batches, train_batches
 from random_streams import (
     capture_random_streams,
     restore_random_state,
@@ -46,7 +46,8 @@ RESUME_FILE = "last.pt"
 EXTRAS_FILE = "extras.pt"
 # Arguments that may change when a run is resumed: where and how fast it runs, where it reads and writes. The
 # effective precision (which --amp gives on the device) is checked on its own.
-RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "amp", "compile", "summary"})
+RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "amp", "compile", "summary",
+                               "workers"})
 
 StepOutput = tuple[Tensor, list[Tensor]]  # (loss, logits of each classifier being trained)
 Needs = frozenset[str]  # what a phase reads of its stage's shared pass (see `SharedPass`)
@@ -337,7 +338,7 @@ class Run:
             return self._training.train_step(batch, shared)
 
     def end_epoch(self, epoch: int, train_loss: float, train_acc: float | None, train_seconds: float,
-                  data: DeviceDataset, log: Callable[[str], None]) -> None:
+                  data: Dataset, log: Callable[[str], None]) -> None:
         """Evaluate, then record the epoch: last.pt (everything needed to continue exactly), then metrics.jsonl."""
         started = time.perf_counter()
         with self.own_random_streams():
@@ -415,11 +416,11 @@ class Run:
         self.history = ckpt["history"]
         self._restored = SavedOptimizer(ckpt["phase_index"], ckpt["optimizer"])
 
-    def finish(self, data: DeviceDataset) -> dict[str, Any]:
+    def finish(self, data: Dataset) -> dict[str, Any]:
         """Write the final weights (and the extras, apart), then summary.json (its presence marks the run done)."""
         return _explain_write_errors(self.out_dir / RESUME_FILE, self._finish, data)
 
-    def _finish(self, data: DeviceDataset) -> dict[str, Any]:
+    def _finish(self, data: Dataset) -> dict[str, Any]:
         stage, cfg, history = self.stage, self.cfg, self.history
         weights_file = f"{stage.kind}.pt"
         fingerprint = model_fingerprint(stage.model)
@@ -492,7 +493,7 @@ class GroupStep:
 
 def fit(
     stage: Stage,
-    data: DeviceDataset,
+    data: Dataset,
     cfg: TrainConfig,
     out_dir: str | Path,
     args: dict[str, Any],
@@ -504,10 +505,10 @@ def fit(
     With `resume`, a finished run is returned as it is and an interrupted one continues from its
     last completed epoch (in whichever phase), ending bit-identical to an uninterrupted run on the CPU.
     """
-    return fit_group([Run(stage, cfg, data.x_train.device, out_dir, args)], data, resume, log)[0]
+    return fit_group([Run(stage, cfg, data.device, out_dir, args)], data, resume, log)[0]
 
 
-def fit_group(runs: list[Run], data: DeviceDataset, resume: bool = False,
+def fit_group(runs: list[Run], data: Dataset, resume: bool = False,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train `runs` (one seed, one recipe) side by side; return their summaries, in order.
 
@@ -561,7 +562,7 @@ class EpochTally:
         return torch.stack((self.loss, torch.zeros_like(self.loss) if self.correct is None else self.correct))
 
 
-def _train_epoch(cohort: list[Run], epoch: int, data: DeviceDataset, group_step: GroupStep,
+def _train_epoch(cohort: list[Run], epoch: int, data: Dataset, group_step: GroupStep,
                  log: Callable[[str], None]) -> list[tuple[Run, str]]:
     """Train `epoch` for every run of the cohort on one draw of batches; record it for each run whose loss stayed
     finite. Returns the others with their message."""
@@ -571,7 +572,7 @@ def _train_epoch(cohort: list[Run], epoch: int, data: DeviceDataset, group_step:
         raise RuntimeError(f"the runs training epoch {epoch} together would draw different batches")
     for run in cohort:
         run.start_epoch(epoch)
-    tallies = [EpochTally(torch.zeros((), device=data.x_train.device)) for _ in cohort]
+    tallies = [EpochTally(torch.zeros((), device=data.device)) for _ in cohort]
     batches = train_batches(data, cfg.batch_size, leader.generator, cfg.channels_last, cfg.pad_mode)
     total = max(run.total for run in cohort)
     for batch in tqdm(batches, total=num_train_batches(data, cfg.batch_size), desc=f"epoch {epoch}/{total}",
@@ -606,17 +607,17 @@ def _explain_write_errors(resume_path: Path, write: Callable[..., Any], *argumen
         raise UserError(f"{err}; {kept}: make room (or fix the folder), then rerun with --resume") from None
 
 
-def evaluate(stage: Stage, data: DeviceDataset, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
+def evaluate(stage: Stage, data: Dataset, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
     """Per named classifier of `stage`: (mean cross-entropy, accuracy in percent) on the test set, as each epoch
     reports them (an imported teacher is measured so on load)."""
     return _evaluate(stage, stage.evaluate, data, cfg)
 
 
-def _evaluate(stage: Stage, eval_step: Callable, data: DeviceDataset, cfg: TrainConfig) -> dict:
+def _evaluate(stage: Stage, eval_step: Callable, data: Dataset, cfg: TrainConfig) -> dict:
     """Per named classifier: (mean cross-entropy, accuracy in percent) over the test set."""
     stage.trainable.eval()
     sums: dict[str, Tensor] = {}
-    with torch.inference_mode(), autocast(cfg, data.x_test.device):
+    with torch.inference_mode(), autocast(cfg, data.device):
         for x, y in test_batches(data, cfg.eval_batch_size, channels_last=cfg.channels_last):
             for name, logits in eval_step(x).items():
                 logits = logits.float()

@@ -9,7 +9,8 @@ refused, never executed):
   `<name>_vanilla/ckpt_epoch_240.pth` of RepDistiller's scripts/fetch_pretrained_teachers.sh or of mdistiller's
   cifar_teachers.tar (its `*_best.pth` states `best_acc` instead of `accuracy`);
 - a plain state dict, as the DIH authors' code saves its models (`torch.save(model.state_dict(), path)`), with
-  `module.` before every key where it ran under DataParallel.
+  `module.` before every key where it ran under DataParallel; torchvision's weight files are such state dicts
+  (`~/.cache/torch/hub/checkpoints/resnet34-b627a593.pth` after `torchvision.models.resnet34(weights="DEFAULT")`).
 
 Their key names become ours by explicit rules per architecture family (below), each source key matched whole by
 one rule, and every tensor checked against our model's entry of that name: a file of another architecture or
@@ -42,6 +43,7 @@ from models.mobilenetv2 import MobileNetV2
 from models.resnet import ResNet
 from models.resnet_cifar import CifarResNet
 from models.shufflenet import ShuffleV1, ShuffleV2
+from models.torchvision_nets import MOBILENET_V2_STAGE_ENDS, TorchvisionMobileNetV2, TorchvisionResNet
 from models.vgg import BenchmarkVGG
 from models.wrn import WideResNet
 from stages import TeacherTraining
@@ -103,9 +105,35 @@ SHUFFLE_V2_RULES: list[Rule] = [
     (r"conv2\.weight", lambda m: "stages.3.0.weight"),
     (r"bn2\.(\w+)", lambda m: f"stages.3.1.{m[1]}"),
 ]
+# torchvision's resnet18/34/50 (models/resnet.py there): the files `torchvision.models.resnet34(weights=...)` caches.
+TORCHVISION_RESNET_RULES: list[Rule] = [
+    (r"conv1\.(\w+)", lambda m: f"stem.0.{m[1]}"),
+    (r"bn1\.(\w+)", lambda m: f"stem.1.{m[1]}"),
+    (r"layer([1-4])\.(\d+)\.((?:conv|bn)[123]|downsample\.[01])\.(\w+)",
+     lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
+    (r"fc\.(\w+)", lambda m: f"classifier.{m[1]}"),
+]
+
+
+def _mobilenet_v2_feature(m: re.Match) -> str:
+    """features.N.rest -> our stem (N = 0, 1) or stage and position (see MOBILENET_V2_STAGE_ENDS)."""
+    index, rest = int(m[1]), m[2]
+    if index < 2:
+        return f"stem.{index}.{rest}"
+    stage = next(i for i, end in enumerate(MOBILENET_V2_STAGE_ENDS) if index <= end)
+    start = 2 if stage == 0 else MOBILENET_V2_STAGE_ENDS[stage - 1] + 1
+    return f"stages.{stage}.{index - start}.{rest}"
+
+
+# torchvision's mobilenet_v2: `features.N...` regrouped into stem and stages, its classifier's Linear (`classifier.1`).
+TORCHVISION_MOBILENET_V2_RULES: list[Rule] = [
+    (r"features\.(1[0-8]|[0-9])\.([\w.]+)", _mobilenet_v2_feature),
+    (r"classifier\.1\.(\w+)", lambda m: f"classifier.{m[1]}"),
+]
 RULES: dict[type, list[Rule]] = {CifarResNet: RESNET_RULES, ResNet: RESNET_RULES, WideResNet: WRN_RULES,
                                  BenchmarkVGG: VGG_RULES, MobileNetV2: MOBILENET_RULES, ShuffleV1: SHUFFLE_V1_RULES,
-                                 ShuffleV2: SHUFFLE_V2_RULES}
+                                 ShuffleV2: SHUFFLE_V2_RULES, TorchvisionResNet: TORCHVISION_RESNET_RULES,
+                                 TorchvisionMobileNetV2: TORCHVISION_MOBILENET_V2_RULES}
 
 
 @dataclass(frozen=True)
@@ -177,7 +205,8 @@ def map_state(model: TapModel, name: str, foreign: dict[str, Tensor], num_classe
     rules = RULES.get(type(model))
     if rules is None:
         raise UserError(f"--import: no key rules for {name}: importable are the CIFAR ResNets, ResNet-18/34/50, the "
-                        "WRNs, RepDistiller's vgg8/vgg13, mobilenetv2, shufflev1 and shufflev2")
+                        "WRNs, RepDistiller's vgg8/vgg13, mobilenetv2, shufflev1 and shufflev2, and torchvision's "
+                        "resnet18/34/50 and mobilenet_v2")
     own = model.state_dict()
     mapped: dict[str, Tensor] = {}
     origin: dict[str, str] = {}

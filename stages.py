@@ -64,6 +64,7 @@ class HeadsTraining(Stage):
             "model": self.teacher_identity["model"],
             "teacher": self.teacher_identity,
             "taps": [[name, list(shape)] for name, shape in self.model.taps],
+            **({"grid": list(self.model.grid)} if self.model.grid is not None else {}),
         }
 
     def provenance(self) -> dict[str, dict[str, str]]:

@@ -22,7 +22,7 @@ import torch
 import assembly
 import cli
 import runlock
-from data import DeviceDataset
+from data import Dataset
 from engine import Run, TrainConfig, fit_group
 from methods import HYPERS, METHODS, Method, Setup, TeacherPass, run_name
 from methods.base import INPUTS
@@ -233,7 +233,7 @@ def describe(group: list[Student]) -> str:
     return f"{names} <- {role} ({first.teaching['path']})"
 
 
-def teacher_pass(group: list[Student], data: DeviceDataset, device: torch.device,
+def teacher_pass(group: list[Student], data: Dataset, device: torch.device,
                  cfg: TrainConfig) -> TeacherPass | None:
     """The frozen network that teaches the group, with DIH's heads where a member reads them: built once."""
     first = group[0]
@@ -246,7 +246,7 @@ def teacher_pass(group: list[Student], data: DeviceDataset, device: torch.device
     return TeacherPass(teacher, heads)
 
 
-def build_run(student: Student, shared: TeacherPass | None, data: DeviceDataset, device: torch.device,
+def build_run(student: Student, shared: TeacherPass | None, data: Dataset, device: torch.device,
               cfg: TrainConfig, name: str) -> Run:
     """The student's stage on the group's teacher pass, its weights drawn from --seed exactly as alone."""
     run, method = student.args, student.method
@@ -349,7 +349,7 @@ def train(args: argparse.Namespace, device: torch.device, cfg: TrainConfig) -> d
     return {run.method: summaries[run.method] for run in resolved}
 
 
-def fit_groups(groups: list[list[Student]], data: DeviceDataset, device: torch.device, cfg: TrainConfig,
+def fit_groups(groups: list[list[Student]], data: Dataset, device: torch.device, cfg: TrainConfig,
                resume: bool, named: bool) -> dict[str, dict[str, Any]]:
     """Train the groups side by side (each group's teacher pass built once); the summaries by method. `named`: the
     log lines name their student."""

@@ -91,6 +91,12 @@ def engine_config(args: argparse.Namespace) -> tuple[torch.device, TrainConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pipeline"]:  # the input pipeline of image folders: its own flags (benchmarks/pipeline.py)
+        from .pipeline import main as pipeline_main
+
+        pipeline_main(argv[1:])
+        return 0
     args = parse_args(argv)
     device, cfg = engine_config(args)
     plan = Plan(args.warmup, args.steps, args.repeats)

@@ -42,6 +42,11 @@ class DeviceDataset:
         """Side of the square images, in pixels."""
         return self.x_train.shape[-1]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the data is held (and batches are made)."""
+        return self.x_train.device
+
 
 def to_device(host: HostData, device: torch.device) -> DeviceDataset:
     """Move a source's arrays to `device` (on the CPU the tensors share the arrays' memory)."""

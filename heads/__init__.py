@@ -1,6 +1,7 @@
 """Classifiers mounted on intermediate feature maps, one file per kind, each built from a model's tap shapes.
 
-- `linear`: DIH's heads: flatten a teacher tap, one Linear. Trained on the frozen teacher (stage 2).
+- `linear`: DIH's heads: flatten a teacher tap (ImageNet models: pooled first, ⚑), one Linear. Trained on the
+  frozen teacher (stage 2).
 - `mhkd`: MHKD's heads: two 3x3 convs to 256 channels, pooling, a two-layer MLP; on taps 1 and 2 of both the
   teacher and the student, all trained during the student's run.
 - `tofd`: TOFD's auxiliary classifiers: SepConv blocks carrying each tap but the last to the last tap's width,
@@ -24,9 +25,11 @@ MHKD_TAPS = (0, 1)  # MHKD mounts its heads on taps 1 and 2
 
 
 def heads_for(teacher: TapModel, num_classes: int, image_size: int = 32) -> IntermediateHeads:
-    """The DIH heads Table 1 mounts on `teacher`: one on each of its taps."""
+    """The DIH heads Table 1 mounts on `teacher`: one on each of its taps (pooled to the last tap's grid where the
+    teacher asks for it: `TapModel.pooled_heads`)."""
     shapes = teacher.tap_shapes(image_size)
-    return IntermediateHeads(list(zip(teacher.tap_names, shapes, strict=True)), num_classes)
+    grid = shapes[-1][1:] if teacher.pooled_heads else None
+    return IntermediateHeads(list(zip(teacher.tap_names, shapes, strict=True)), num_classes, grid)
 
 
 def mhkd_heads_for(model: TapModel, num_classes: int, image_size: int = 32) -> MHKDHeads:

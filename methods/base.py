@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from data import Batch, DeviceDataset
+from data import Batch, Dataset
 from engine import Needs, SharedPass, Stage
 from models import TapModel
 
@@ -105,7 +105,7 @@ class Setup:
     student: TapModel
     teacher: TapModel | None  # frozen (eval mode, no gradients); for TAKD, the assistant
     hyper: dict[str, Any]
-    data: DeviceDataset
+    data: Dataset
     meta: dict[str, Any]  # what the student checkpoint and summary.json record about the run
     heads: nn.Module | None = None  # DIH's stage-2 heads, frozen
     teacher_ckpt: dict[str, Any] | None = None  # the teacher's checkpoint as read (its "path" included)

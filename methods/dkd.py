@@ -55,7 +55,7 @@ class DecoupledKD(KnowledgeDistillation):
         super().__init__(setup)
         # A device tensor set before each epoch from its number alone: --resume recomputes it, and a compiled or
         # graphed step reads the new value without recompiling.
-        self.weight = torch.zeros((), device=setup.data.x_train.device)
+        self.weight = torch.zeros((), device=setup.data.device)
 
     def start_epoch(self, epoch: int) -> None:
         self.weight.fill_(warmup_weight(epoch, self.hyper["warmup"]))

@@ -129,10 +129,10 @@ class TaskOrientedDistillation(StudentStage):
         super().__init__(setup, {"aux": aux, "links": links})
         self.aux, self.links = aux, links
         teacher.eval().requires_grad_(False)
-        self.teacher_aux = fold_batchnorm(teacher_aux.to(data.x_train.device))
+        self.teacher_aux = fold_batchnorm(teacher_aux.to(data.device))
         # A device tensor rather than a float, so that a compiled step reads each epoch's value without
         # recompiling; set from the epoch number alone, so --resume recomputes it.
-        self.temperature = torch.ones((), device=data.x_train.device)
+        self.temperature = torch.ones((), device=data.device)
 
     def start_epoch(self, epoch: int) -> None:
         self.temperature.fill_(tofd_temperature(epoch))

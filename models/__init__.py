@@ -1,5 +1,6 @@
 """Model registry: every teacher and student the scripts can name, built by `build_model`.
 
+torchvision's ImageNet models keep torchvision's names (resnet18, resnet34, resnet50, mobilenet_v2).
 RepDistiller's benchmark models under our names: resnet8..resnet110 are res8..res110, resnet8x4 and
 resnet32x4 are res8x4 and res32x4, vgg8 and vgg13 (its vgg8_bn, vgg13_bn) are vgg8 and vgg13, and wrn_16_2,
 wrn_40_1, wrn_40_2 keep their names, and its ResNet50, MobileNetV2 (mobile_half), ShuffleV1 and ShuffleV2 are
@@ -15,6 +16,7 @@ from .mobilenetv2 import MobileNetV2
 from .resnet import Bottleneck, ResNet
 from .resnet_cifar import WIDTHS_X4, CifarResNet
 from .shufflenet import ShuffleV1, ShuffleV2
+from .torchvision_nets import TorchvisionMobileNetV2, TorchvisionResNet
 from .vgg import VGG11, BenchmarkVGG
 from .wrn import WideResNet
 
@@ -44,6 +46,11 @@ _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "mobilenetv2": MobileNetV2,
     "shufflev1": ShuffleV1,
     "shufflev2": ShuffleV2,
+    # torchvision's ImageNet models, under torchvision's names (models/torchvision_nets.py)
+    "resnet18": partial(TorchvisionResNet, "resnet18"),
+    "resnet34": partial(TorchvisionResNet, "resnet34"),
+    "resnet50": partial(TorchvisionResNet, "resnet50"),
+    "mobilenet_v2": TorchvisionMobileNetV2,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

@@ -34,6 +34,9 @@ class TapModel(nn.Module):
     # False where a tap can hold negative values (pre-activation WRN groups): FitNets' regressor then
     # has no final ReLU.
     taps_nonnegative: bool = True
+    # True where DIH's heads average-pool each tap to the last tap's grid before their Linear (the ImageNet
+    # models: heads/linear.py); False: the paper's flatten-linear heads.
+    pooled_heads: bool = False
     stem: nn.Module
     stages: nn.ModuleList
     classifier: nn.Linear

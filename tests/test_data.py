@@ -335,8 +335,9 @@ def test_data_url_only_for_downloaded_datasets(tmp_path):
 
 
 def test_unknown_dataset():
-    for call in (partial(data.dataset_tag, "imagenet"), partial(data.load_dataset, "imagenet", ".", CPU)):
-        with pytest.raises(DataError, match="unknown dataset 'imagenet': choose cifar10, cifar100") as exc:
+    for call in (partial(data.dataset_tag, "imagenet21k"), partial(data.load_dataset, "imagenet21k", ".", CPU)):
+        with pytest.raises(DataError, match="unknown dataset 'imagenet21k': choose cifar10, cifar100, .*, imagenet, a "
+                                            "path to a .npz file or a folder of images") as exc:
             call()
         check_one_line(exc)
 

@@ -39,12 +39,19 @@ PARAMS = {
     "mobilenetv2": (697_546, 812_836),
     "shufflev1": (862_768, 949_258),
     "shufflev2": (1_263_278, 1_355_528),
+    # torchvision's constructors with these class counts (its 1000-class resnet18 has 11,689,512)
+    "resnet18": (11_181_642, 11_227_812),
+    "resnet34": (21_289_802, 21_335_972),
+    "resnet50": (23_528_522, 23_712_932),
+    "mobilenet_v2": (2_236_682, 2_351_972),
 }
 
 CIFAR_RESNET_TAPS = {"layer1": (16, 32, 32), "layer2": (32, 16, 16), "layer3": (64, 8, 8)}
 WRN_2_TAPS = {"group1": (32, 32, 32), "group2": (64, 16, 16), "group3": (128, 8, 8)}
 # RepDistiller's VGG: blocks 1-4 at 16, 8, 4 and (no max-pool before the fifth block at 32x32) 4 pixels.
 BENCHMARK_VGG_TAPS = {"block1": (128, 16, 16), "block2": (256, 8, 8), "block3": (512, 4, 4), "block4": (512, 4, 4)}
+TORCHVISION_RESNET_TAPS = {"layer1": (64, 8, 8), "layer2": (128, 4, 4), "layer3": (256, 2, 2),
+                           "layer4": (512, 1, 1)}
 TAPS = {
     **dict.fromkeys(["res8", "res14", "res20", "res32", "res44", "res56", "res110"], CIFAR_RESNET_TAPS),
     **dict.fromkeys(["res8x4", "res32x4"], {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8)}),
@@ -64,6 +71,11 @@ TAPS = {
     "mobilenetv2": {"group2": (12, 16, 16), "group3": (16, 8, 8), "group5": (48, 4, 4), "group7": (160, 2, 2)},
     "shufflev1": {"layer1": (240, 16, 16), "layer2": (480, 8, 8), "layer3": (960, 4, 4)},
     "shufflev2": {"layer1": (116, 16, 16), "layer2": (232, 8, 8), "layer3": (464, 4, 4)},
+    # torchvision's ImageNet models at 32 pixels: the stem's stride 4 leaves 8 pixels for the first stage
+    **dict.fromkeys(["resnet18", "resnet34"], TORCHVISION_RESNET_TAPS),
+    "resnet50": {"layer1": (256, 8, 8), "layer2": (512, 4, 4), "layer3": (1024, 2, 2), "layer4": (2048, 1, 1)},
+    "mobilenet_v2": {"features.3": (24, 8, 8), "features.6": (32, 4, 4), "features.13": (96, 2, 2),
+                     "features.18": (1280, 1, 1)},
 }
 
 ONE_PER_FAMILY = ["res8", "res18", "vgg11", "vgg8", "wrn_16_2", "mobilenetv2", "shufflev1", "shufflev2"]
