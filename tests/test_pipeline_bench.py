@@ -1,5 +1,6 @@
 """bench.py pipeline (benchmarks/pipeline.py): both pipelines deliver normalised 224-style batches of the generated
 JPEGs, and it reports their rates (a smoke test on a few tiny crops; the measurement is in docs/BENCHMARKS.md)."""
+
 from benchmarks import pipeline as pipeline_bench
 
 
