@@ -20,8 +20,8 @@ from .torchvision_nets import TorchvisionMobileNetV2, TorchvisionResNet
 from .vgg import VGG11, BenchmarkVGG
 from .wrn import WideResNet
 
-__all__ = ["MODEL_NAMES", "REPDISTILLER_NAMES", "Features", "TapModel", "build_model", "count_batchnorms",
-           "fold_batchnorm"]
+__all__ = ["MODEL_NAMES", "REPDISTILLER_NAMES", "TORCHVISION_NAMES", "Features", "TapModel", "build_model",
+           "count_batchnorms", "fold_batchnorm"]
 
 _BUILDERS: dict[str, Callable[..., TapModel]] = {
     "res8": partial(CifarResNet, 8),
@@ -62,6 +62,10 @@ REPDISTILLER_NAMES: dict[str, str] = {
     "wrn_16_2": "wrn_16_2", "wrn_40_1": "wrn_40_1", "wrn_40_2": "wrn_40_2",
     "res50": "ResNet50", "mobilenetv2": "MobileNetV2", "shufflev1": "ShuffleV1", "shufflev2": "ShuffleV2",
 }
+
+# torchvision's ImageNet models (models/torchvision_nets.py), which import torchvision's own weight files.
+TORCHVISION_NAMES: tuple[str, ...] = tuple(name for name, build in _BUILDERS.items() if getattr(build, "func", build)
+                                           in (TorchvisionResNet, TorchvisionMobileNetV2))
 
 
 def build_model(name: str, num_classes: int) -> TapModel:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data import BUILTIN, npz_name
+from data import BUILTIN, IMAGENET, dataset_tag, is_streamed, npz_name
 from methods import METHODS as REGISTRY
 from students import method_flags
 from utils import UserError
@@ -61,7 +61,7 @@ class Outcome:
 class Member:
     """A student run that may join its teacher's group: the group it belongs to, its method and hyper-parameters."""
 
-    key: tuple[str, str, int]  # (student, teacher, seed)
+    key: tuple[str, str, int, int, float]  # (student, teacher, seed, batch_size, lr): one stream of batches, one lr
     method: str
     hyper: dict[str, Any]
     heads: Path | None  # DIH's heads checkpoint
@@ -69,7 +69,7 @@ class Member:
 
 def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
     """Every stage run of the sweep, once each, in dependency order; with `group`, the students that one teacher
-    run teaches (same student model, seed and recipe) as one node.
+    run teaches (same student model, seed, batch size and lr) as one node.
 
     Teachers first (plain, or imported from --import_teachers; and TOFD's variant where the sweep has TOFD), then
     what is trained on a teacher and shared by students (DIH's heads, TAKD's assistant), then every student. What a
@@ -80,11 +80,11 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
     methods = [REGISTRY[m] for m in sweep.methods]
 
     def add(label: str, script: str, out_dir: Path, epochs: int | None, seed: int, flags: list[str],
-            deps: list[Path], expect: dict[str, Any], lr: float | None = None) -> None:
+            deps: list[Path], expect: dict[str, Any], recipe: dict[str, Any] | None = None) -> None:
         """A run of `script`; `epochs=None`: an import, which takes no training flags and records no recipe."""
-        common = stage_flags(sweep, epochs, seed, lr) if epochs else data_flags(sweep, seed)
+        common = stage_flags(sweep, epochs, seed, recipe) if epochs else data_flags(sweep, seed)
         argv = [sys.executable, str(ROOT / script), *flags, *common, "--out_dir", str(out_dir), "--resume"]
-        expect = {**expect, **(hyper_parameters(sweep, epochs, seed, lr) if epochs else {"seed": seed})}
+        expect = {**expect, **(hyper_parameters(sweep, epochs, seed, recipe) if epochs else {"seed": seed})}
         nodes.setdefault(out_dir, Node(label, out_dir, argv, deps, {out_dir: expect}))
 
     def add_student(student: str, method: str, teacher: str, seed: int, extra: list[str], deps: list[Path],
@@ -94,7 +94,8 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
         out_dir = sweep.student_dir(student, method, teacher, seed)
         add(f"{name} seed {seed}", "test_dih.py", out_dir, sweep.epochs, seed,
             ["--student", student, "--method", method, *extra, *method_flags(hyper)], deps,
-            {"stage": "student", "model": student, "method": method, **hyper, **expect}, sweep.lr_of(student))
+            {"stage": "student", "model": student, "method": method, **hyper, **expect},
+            sweep.recipe_of(student, method))
         return out_dir
 
     variants = ["plain"] + (["tofd"] if any(m.teacher == "tofd" for m in methods) else [])
@@ -146,16 +147,19 @@ def build_graph(sweep: Sweep, group: bool = True) -> list[Node]:
                     out_dir = add_student(student, method.name, teacher, seed, extra, deps, expect)
                     if method.teacher == "plain" and not method.assistant:  # taught by the teacher run itself
                         heads = sweep.heads_dir(teacher, seed) / "heads.pt" if method.heads else None
-                        members.setdefault(out_dir, Member((student, teacher, seed), method.name,
+                        recipe = sweep.recipe_of(student, method.name)
+                        members.setdefault(out_dir, Member((student, teacher, seed, recipe["batch_size"], recipe["lr"]),
+                                                           method.name,
                                                            sweep.hyper(method.name, teacher, student), heads))
     graph = list(nodes.values())
     return group_students(sweep, graph, members) if group else graph
 
 
 def group_students(sweep: Sweep, graph: list[Node], members: dict[Path, Member]) -> list[Node]:
-    """The graph with the students of each (student model, teacher run, seed) merged into one node, in the place
-    of the first of them (its dependencies are theirs: still after them in build order)."""
-    by_key: dict[tuple[str, str, int], list[Node]] = {}
+    """The graph with the students of each (student model, teacher run, seed, batch size, lr) merged into one node,
+    in the place of the first of them (its dependencies are theirs: still after them in build order). Students of
+    different batch sizes cannot share batches, nor one process's --lr: they are separate groups."""
+    by_key: dict[tuple[str, str, int, int, float], list[Node]] = {}
     for node in graph:
         if node.out_dir in members:
             by_key.setdefault(members[node.out_dir].key, []).append(node)
@@ -165,12 +169,16 @@ def group_students(sweep: Sweep, graph: list[Node], members: dict[Path, Member])
     return [merged.get(node.out_dir, node) for node in graph if node.out_dir not in absorbed]
 
 
-def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], members: dict[Path, Member]) -> Node:
+def group_node(sweep: Sweep, key: tuple[str, str, int, int, float], nodes: list[Node],
+               members: dict[Path, Member]) -> Node:
     """One test_dih.py process for several students of one teacher run: each method's values and folder spelled
     --METHOD.FLAG, so that every student gets the arguments, folder and numbers of its own node. It comes after DIH's
     heads run without needing it: a failed heads run holds back DIH alone, which test_dih.py reports as not trained
     while the other students train."""
-    student, teacher, seed = key
+    student, teacher, seed, batch_size, lr = key
+    recipe = {"batch_size": batch_size, "lr": lr}
+    # A group of the sweep's own recipe keeps the plain folder name; one of a method's own recipe says which.
+    own_recipe = "" if recipe == sweep.recipe_of(student) else f"-b{batch_size}-lr{lr:g}"
     own = [members[node.out_dir] for node in nodes]
     methods = [member.method for member in own]
     heads = next((member.heads for member in own if member.heads is not None), None)
@@ -178,7 +186,7 @@ def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], membe
             "--teacher", teacher, "--teacher_ckpt", str(sweep.teacher_dir(teacher, seed) / "teacher.pt"),
             *(["--heads_ckpt", str(heads)] if heads else []),
             *(flag for member in own for flag in method_flags(member.hyper, member.method)),
-            *stage_flags(sweep, sweep.epochs, seed, sweep.lr_of(student)),
+            *stage_flags(sweep, sweep.epochs, seed, recipe),
             *(flag for node, member in zip(nodes, own, strict=True)
               for flag in method_flags({"out_dir": str(node.out_dir)}, member.method)),
             "--resume"]
@@ -186,7 +194,7 @@ def group_node(sweep: Sweep, key: tuple[str, str, int], nodes: list[Node], membe
     needed = list(dict.fromkeys(dep for node in nodes for dep in node.deps))
     runs = {run: expect for node in nodes for run, expect in node.runs.items()}
     return Node(f"{' '.join(methods)} students {student} <- {teacher} seed {seed}",
-                sweep.run_dir(f"group-{student}-{teacher}", seed), argv,
+                sweep.run_dir(f"group-{student}-{teacher}{own_recipe}", seed), argv,
                 [dep for dep in needed if dep not in heads_runs], runs, [dep for dep in needed if dep in heads_runs])
 
 
@@ -196,21 +204,23 @@ def data_flags(sweep: Sweep, seed: int) -> list[str]:
             *(["--data_url", sweep.data_url] if sweep.data_url else [])]
 
 
-def stage_flags(sweep: Sweep, epochs: int, seed: int, lr: float | None = None) -> list[str]:
-    """The flags every stage script takes, spelled out so that each command stands on its own (`lr`: a student's own,
-    in the place of the sweep's)."""
+def stage_flags(sweep: Sweep, epochs: int, seed: int, recipe: dict[str, Any] | None = None) -> list[str]:
+    """The flags every stage script takes, spelled out so that each command stands on its own (`recipe`: a student's
+    own batch_size and lr, `Sweep.recipe_of`, in the place of the sweep's)."""
+    recipe = recipe or {"batch_size": sweep.batch_size, "lr": sweep.lr}
     return [
         *data_flags(sweep, seed), "--epochs", str(epochs),
-        "--batch_size", str(sweep.batch_size), "--lr", str(sweep.lr if lr is None else lr),
+        "--batch_size", str(recipe["batch_size"]), "--lr", str(recipe["lr"]),
         "--momentum", str(sweep.momentum),
         "--wd", str(sweep.wd), "--nesterov" if sweep.nesterov else "--no-nesterov",
         "--schedule", *schedule_tokens(sweep.schedule), "--gamma", str(sweep.gamma),
     ]
 
 
-def hyper_parameters(sweep: Sweep, epochs: int, seed: int, lr: float | None = None) -> dict[str, Any]:
+def hyper_parameters(sweep: Sweep, epochs: int, seed: int, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine's settings as summary.json records them (its `config`), to recognise a finished run."""
-    return {"seed": seed, "epochs": epochs, "batch_size": sweep.batch_size, "lr": sweep.lr if lr is None else lr,
+    recipe = recipe or {"batch_size": sweep.batch_size, "lr": sweep.lr}
+    return {"seed": seed, "epochs": epochs, "batch_size": recipe["batch_size"], "lr": recipe["lr"],
             "momentum": sweep.momentum, "wd": sweep.wd, "nesterov": sweep.nesterov, "schedule": sweep.schedule,
             "gamma": sweep.gamma}
 
@@ -282,8 +292,15 @@ def run_is_finished(out_dir: Path, expect: dict[str, Any], dataset: str) -> bool
 
 def dataset_matches(recorded: str, dataset: str) -> bool:
     """A user's npz is recorded as `npz:<stem>:<hash of its content>` (data.npz_name), so a run on an earlier
-    file of the same name is not taken for one on this file; the others by their name."""
-    return recorded == (dataset if dataset in BUILTIN else dataset_name(Path(dataset).expanduser()))
+    file of the same name is not taken for one on this file; the built-in datasets by their name. ImageNet and folders
+    of images (`imagenet:<hash>`, `folder:<tag>:<hash>`, the hash over every file's name and size) by their name alone:
+    hashing 1.28 million files to look at a summary would cost minutes, and every stage checks the hash of the data
+    against the teacher's and heads' it reads."""
+    if dataset in BUILTIN:
+        return recorded == dataset
+    if is_streamed(dataset):
+        return recorded.startswith("imagenet:" if dataset == IMAGENET else f"folder:{dataset_tag(dataset)}:")
+    return recorded == dataset_name(Path(dataset).expanduser())
 
 
 def dataset_name(path: Path) -> str:

@@ -8,12 +8,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from torchvision.models import get_model_weights
+
 import cli
 from data import DOWNLOADED_NAMES, dataset_tag
 from methods import METHODS as REGISTRY
 from methods import run_name
 from methods.takd import default_assistant
-from models import MODEL_NAMES, REPDISTILLER_NAMES
+from models import MODEL_NAMES, REPDISTILLER_NAMES, TORCHVISION_NAMES
 from utils import UserError, check_seed, parse_schedule
 
 from .published import read_published
@@ -83,14 +85,39 @@ PRESETS["repdistiller-cifar100-cross"] = {
     "pair_hyper": {"vgg13:mobilenetv2": {"dkd": {"beta": 6.0}}},
     "published": Path(__file__).resolve().parent / "published" / "repdistiller_cifar100_cross.csv",
 }
+# ILSVRC-2012, ResNet-34 -> ResNet-18: the field's ImageNet benchmark under the recipe of its published numbers,
+# mdistiller's configs/imagenet/r34_r18/*.yaml (commit e8c5bb3) over its mdistiller/engine/cfg.py defaults: 100 epochs,
+# SGD momentum 0.9 without Nesterov (its trainer.py: optim.SGD), wd 1e-4, lr x 0.1 at 30/60/90; batch 256 at lr 0.1 as
+# the base (crd.yaml, and torchvision's recipe for its ResNet-18), which CE, CRD and the heads run get. Each method's
+# own recipe and settings: kd.yaml batch 512, lr 0.2, T 1, CE weight 0.5 + KD weight 0.5 (our α 0.5); at.yaml batch
+# 512, lr 0.2, AT weight 1000 (cfg.py, our default β); dkd.yaml batch 512, lr 0.2, CE weight 1, β 0.5, T 1, warm-up 1
+# epoch, α 1 (cfg.py's default: dkd.yaml does not set it); crd.yaml batch 256, lr 0.1, CRD weight 0.8, 16384
+# negatives, T 0.07, momentum 0.5, 128 dimensions (cfg.py, our defaults). ⚑ DIH: the KD column's recipe and α 0.5,
+# T 1, with the cohort's losses averaged (cohort_reduction mean): DIH minus KD is then the heads' effect alone, in one
+# group with KD and on the same batches. ⚑ One seed: ImageNet runs are costly, and every published number is one run.
+# The teacher: torchvision's IMAGENET1K_V1 weights (--import_teachers, torch hub's cache folder); the published
+# numbers: sweep/published/imagenet.csv.
+PRESETS["imagenet"] = {
+    "dataset": "imagenet", "pairs": [("resnet34", "resnet18")], "methods": ["ce", "kd", "at", "crd", "dih", "dkd"],
+    "seeds": [30], "epochs": 100, "batch_size": 256, "lr": 0.1, "momentum": 0.9, "wd": 1e-4, "nesterov": False,
+    "schedule": [30, 60, 90], "gamma": 0.1,
+    "method_recipe": {method: {"batch_size": 512, "lr": 0.2} for method in ("kd", "at", "dkd", "dih")},
+    "method_hyper": {"kd": {"alpha": 0.5, "temperature": 1.0},
+                     "dkd": {"alpha": 1.0, "beta": 0.5, "temperature": 1.0, "warmup": 1},
+                     "dih": {"alpha": 0.5, "temperature": 1.0, "cohort_reduction": "mean"}},
+    "published": Path(__file__).resolve().parent / "published" / "imagenet.csv",
+}
 # Without a preset: the paper's settings on CIFAR-100, for the teachers named by --teachers.
 DEFAULTS: dict[str, Any] = {
     **PAPER, "dataset": "cifar100", "data_dir": "./data", "data_url": None, "teachers": [], "teacher_epochs": None,
     "heads_epochs": None, "alpha": None, "temperature": None, "hint_epochs": None, "pairs": None,
-    "method_hyper": {}, "pair_hyper": {}, "student_lr": {}, "import_teachers": None, "published": None,
+    "method_hyper": {}, "pair_hyper": {}, "student_lr": {}, "method_recipe": {}, "import_teachers": None,
+    "published": None,
 }
 # RepDistiller's (and mdistiller's) layout of its public teachers, e.g. save/models/resnet56_vanilla/ckpt_epoch_240.pth.
 IMPORT_LAYOUT = "{name}_vanilla/ckpt_epoch_240.pth"
+# The stage flags a method's own recipe may set (a preset's method_recipe), in the place of the sweep's.
+RECIPE_KEYS = ("batch_size", "lr")
 
 
 @dataclass(frozen=True)
@@ -120,6 +147,7 @@ class Sweep:
     method_hyper: dict[str, dict[str, Any]]  # a preset's hyper-parameters per method, over the method's defaults
     pair_hyper: dict[str, dict[str, dict[str, Any]]]  # "teacher:student" -> method -> hyper-parameters, over those
     student_lr: dict[str, float]  # a preset's lr for every student run of a model, in the place of `lr`
+    method_recipe: dict[str, dict[str, Any]]  # a preset's batch_size and lr per method, over student_lr and the flags
     import_teachers: Path | None  # teachers imported from this folder (IMPORT_LAYOUT) instead of trained
     published: Path | None  # published accuracies to show beside ours (sweep/published.py)
     runs_dir: Path
@@ -140,12 +168,14 @@ class Sweep:
         """The public checkpoint a teacher is imported from (every seed's folder imports it); None: trained."""
         if self.import_teachers is None:
             return None
-        return (self.import_teachers / IMPORT_LAYOUT.format(name=REPDISTILLER_NAMES[teacher])).resolve()
+        return (self.import_teachers / import_layout(teacher)).resolve()
 
-    def lr_of(self, student: str) -> float:
-        """The lr of a student run of model `student`: the preset's for that model (RepDistiller's 0.01 for its
-        small students), else `lr`."""
-        return self.student_lr.get(student, self.lr)
+    def recipe_of(self, student: str, method: str | None = None) -> dict[str, Any]:
+        """The batch_size and lr of a student run: the preset's for the method (mdistiller's batch 512, lr 0.2 for
+        KD on ImageNet), else the preset's lr for the model (RepDistiller's 0.01 for its small students), else the
+        sweep's; `method=None`: the model's own, before any method's."""
+        return {"batch_size": self.batch_size, "lr": self.student_lr.get(student, self.lr),
+                **self.method_recipe.get(method or "", {})}
 
     def run_dir(self, name: str, seed: int) -> Path:
         """The stage scripts' own default folder for a run (`cli.default_dir`), under --runs_dir."""
@@ -213,9 +243,11 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=cli.finite_float, help="softmax temperature of those methods' KD term")
     p.add_argument("--hint_epochs", type=int, help="epochs of FitNets' hint phase (default: 40)")
     p.add_argument("--import_teachers", type=Path, metavar="DIR",
-                   help="import the teachers from DIR (RepDistiller's layout, DIR/<its name>_vanilla/"
-                        "ckpt_epoch_240.pth: RepDistiller's fetch_pretrained_teachers.sh, mdistiller's "
-                        "cifar_teachers.tar) instead of training them; every seed's teacher imports the same file")
+                   help="import the teachers from DIR instead of training them; every seed's teacher imports the "
+                        "same file: RepDistiller's models from DIR/<its name>_vanilla/ckpt_epoch_240.pth "
+                        "(RepDistiller's fetch_pretrained_teachers.sh, mdistiller's cifar_teachers.tar), torchvision's "
+                        "from DIR/<its IMAGENET1K_V1 file>, e.g. DIR/resnet34-b627a593.pth (DIR: torch hub's cache, "
+                        "~/.cache/torch/hub/checkpoints)")
     p.add_argument("--published", type=Path, metavar="CSV",
                    help="published accuracies to show beside ours (columns teacher, student, method, accuracy, "
                         "measure, source; default: the preset's)")
@@ -322,16 +354,28 @@ def parse_pair(text: str) -> tuple[str, str]:
     return teacher, student
 
 
+def import_layout(teacher: str) -> str:
+    """Where a teacher's public checkpoint lies under --import_teachers: RepDistiller's folder for its models,
+    torchvision's file name (its IMAGENET1K_V1 weights, as torch hub caches them) for torchvision's."""
+    if teacher in TORCHVISION_NAMES:
+        return Path(get_model_weights(teacher)["IMAGENET1K_V1"].url).name
+    return IMPORT_LAYOUT.format(name=REPDISTILLER_NAMES[teacher])
+
+
 def check_imports(folder: Path, teachers: list[str]) -> None:
-    """Every teacher has a public checkpoint in `folder`, in RepDistiller's layout, before anything runs."""
+    """Every teacher has a public checkpoint in `folder`, in its source's layout, before anything runs."""
     for teacher in dict.fromkeys(teachers):
-        if teacher not in REPDISTILLER_NAMES:
-            raise UserError(f"--import_teachers: {teacher} has no counterpart among RepDistiller's models (those are "
-                            f"{', '.join(REPDISTILLER_NAMES)})")
-        path = folder / IMPORT_LAYOUT.format(name=REPDISTILLER_NAMES[teacher])
+        if teacher not in REPDISTILLER_NAMES and teacher not in TORCHVISION_NAMES:
+            raise UserError(f"--import_teachers: {teacher} has no public checkpoint to import (importable: "
+                            f"RepDistiller's models {', '.join(REPDISTILLER_NAMES)}; torchvision's "
+                            f"{', '.join(TORCHVISION_NAMES)})")
+        path = folder / import_layout(teacher)
         if not path.is_file():
-            raise UserError(f"--import_teachers: no {path} (RepDistiller's scripts/fetch_pretrained_teachers.sh or "
-                            "mdistiller's cifar_teachers.tar put its teachers so)")
+            where = (f"torchvision.models.{teacher}(weights='IMAGENET1K_V1') downloads it into torch hub's cache, "
+                     "~/.cache/torch/hub/checkpoints" if teacher in TORCHVISION_NAMES else
+                     "RepDistiller's scripts/fetch_pretrained_teachers.sh or mdistiller's cifar_teachers.tar put its "
+                     "teachers so")
+            raise UserError(f"--import_teachers: no {path} ({where})")
 
 
 def schedule_tokens(schedule: list[int]) -> list[str]:

@@ -9,6 +9,11 @@ commit, table, row and column). `measure` says which of our numbers is comparabl
   HobbitLong/RepDistiller issue #16); its README does not say over how many runs.
 - `best-mean`: the best epoch's, averaged over runs: mdistiller's DKD numbers are the mean over 5 runs of each
   run's best epoch (its maintainers, megvii-research/mdistiller issues #30 and #42). Ours: the `best epoch` column.
+- `best`: the best epoch's of a run, the number of runs not stated or one: torchdistill tests the checkpoint of its
+  best validation accuracy, mdistiller's trainer reports its best epoch (ImageNet). Ours: the `best epoch` column.
+
+A method may have several published numbers (an original paper's and a reproduction's): one row each, each with its
+source, each compared with ours.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 from utils import UserError
 
 FIELDS = ("teacher", "student", "method", "accuracy", "measure", "source")
-MEASURES = {"final": "final epoch", "best-mean": "best epoch, mean of runs"}
+MEASURES = {"final": "final epoch", "best-mean": "best epoch, mean of runs", "best": "best epoch"}
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,10 @@ def shown(path: Path) -> str:
     return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
 
 
-def to_markdown(lines: list[dict[str, Any]], path: Path, dataset: str, published_dataset: str = "cifar100") -> str:
+def to_markdown(lines: list[dict[str, Any]], path: Path, dataset: str, published_dataset: str | None = None) -> str:
     """The comparison as a section of results.md; the source column names the document (the data file and
-    literature.csv give its table, row and column too)."""
+    literature.csv give its table, row and column too). `published_dataset`: the dataset the numbers were made on,
+    where known (a preset's file), to flag a sweep on other data."""
     text = [
         "## Against the literature: published numbers beside ours",
         "",
@@ -97,7 +103,7 @@ def to_markdown(lines: list[dict[str, Any]], path: Path, dataset: str, published
         "the measure it was made with (final epoch, or the best epoch's mean over runs). Each number's source "
         f"(repository, file, commit, table, row, column) is in {shown(path)} and in literature.csv.",
     ]
-    if dataset != published_dataset:
+    if published_dataset is not None and dataset != published_dataset:
         text.append(f"**This sweep ran on {dataset}, the published numbers are for {published_dataset}: the "
                     "differences compare different data.**")
     text += ["", "| teacher → student | method | published | measure | ours | ours − published | source |",

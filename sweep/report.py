@@ -15,7 +15,7 @@ from utils import atomic_write_text
 
 from . import published
 from .graph import read_summary
-from .grid import METHODS, Sweep
+from .grid import METHODS, PRESETS, Sweep
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -318,7 +318,11 @@ def literature(sweep: Sweep, rows: list[dict[str, str | Stat]], out: Path) -> st
     """The published numbers beside ours (sweep/published.py): literature.csv, and a section for results.md."""
     lines = published.comparison(published.read_published(sweep.published), rows, sweep.methods, label)
     atomic_write_text(out / "literature.csv", published.to_csv(lines))
-    return published.to_markdown(lines, sweep.published, sweep.dataset)
+    path = sweep.published.resolve()
+    made_on = next((preset["dataset"] for preset in PRESETS.values()
+                    if preset.get("published") is not None and preset["published"].resolve() == path),
+                   None)  # a preset's file: its dataset; a file of the user's: not known
+    return published.to_markdown(lines, sweep.published, sweep.dataset, made_on)
 
 
 def report(sweep: Sweep) -> str:
