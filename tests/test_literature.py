@@ -9,12 +9,15 @@ import shlex
 
 import pytest
 from helpers import repdistiller_checkpoint
+from test_report import write_run
 
 import reproduce
 from data import make_synthetic, save_npz
 from models import REPDISTILLER_NAMES
+from sweep.graph import dataset_matches
 from sweep.grid import PRESETS, grid_flags, make_sweep
 from sweep.published import read_published
+from sweep.report import report
 from utils import UserError
 
 PAIRS = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("res56", "res20"), ("res110", "res20"),
@@ -94,7 +97,7 @@ def test_every_teacher_can_come_from_the_public_checkpoints(capsys, tmp_path):
     (tmp_path / "vgg13_vanilla" / "ckpt_epoch_240.pth").unlink()
     with pytest.raises(UserError, match=r"--import_teachers: no .*vgg13_vanilla/ckpt_epoch_240\.pth"):
         dry_run(capsys, "--import_teachers", str(tmp_path))
-    with pytest.raises(UserError, match="res18 has no counterpart among RepDistiller's models"):
+    with pytest.raises(UserError, match="res18 has no public checkpoint to import"):
         dry_run(capsys, "--import_teachers", str(tmp_path), "--pairs", "res18:res8")
 
 
@@ -205,7 +208,7 @@ def test_the_cross_dry_run_lists_the_six_pairs_with_lr_001_for_the_small_student
 def test_the_cross_sweep_survives_the_round_trip_through_its_flags():
     parse = reproduce.build_parser().parse_args
     sweep = make_sweep(parse(["--preset", "repdistiller-cifar100-cross", "--pairs", "res50:vgg8", "vgg13:mobilenetv2"]))
-    assert (sweep.lr_of("vgg8"), sweep.lr_of("mobilenetv2")) == (0.05, 0.01)
+    assert (sweep.recipe_of("vgg8", "kd")["lr"], sweep.recipe_of("mobilenetv2", "kd")["lr"]) == (0.05, 0.01)
     assert sweep.hyper("dkd", "vgg13", "mobilenetv2")["beta"] == 6.0
     assert sweep.hyper("dkd", "res50", "vgg8")["beta"] == 8.0
     assert make_sweep(parse(grid_flags(sweep))) == sweep
@@ -259,3 +262,120 @@ def test_a_cross_pair_runs_through_every_stage_to_the_table_with_the_published_c
         assert float(lines[method]["published"]) == published
         assert float(lines[method]["ours - published"]) == pytest.approx(ours - published)
         assert f"| res50 → mobilenetv2 | {name} | {published:.2f} |" in table
+
+
+# ------------------------------------------------------------------ ImageNet: ResNet-34 -> ResNet-18
+
+# mdistiller's configs/imagenet/r34_r18/*.yaml: batch 512, lr 0.2 for KD, AT and DKD (kd.yaml, at.yaml, dkd.yaml),
+# 256 and 0.1 for CRD (crd.yaml) and the base (CE, the heads run); DIH takes KD's (⚑).
+IMAGENET_RECIPE = {"ce": ("256", "0.1"), "kd": ("512", "0.2"), "at": ("512", "0.2"), "crd": ("256", "0.1"),
+                   "dih": ("512", "0.2"), "dkd": ("512", "0.2")}
+IMAGENET_COMMON = ["--momentum", "0.9", "--wd", "0.0001", "--no-nesterov", "--schedule", "30", "60", "90",
+                   "--gamma", "0.1"]
+TORCHVISION_RESNET34 = "resnet34-b627a593.pth"  # torch hub's cache name of torchvision's IMAGENET1K_V1 weights
+
+
+def imagenet_dry_run(capsys, *extra: str) -> tuple[reproduce.Outcome, list[list[str]]]:
+    outcome = reproduce.main(["--preset", "imagenet", "--data_dir", "/data/ilsvrc2012", "--dry_run", *extra])
+    return outcome, [shlex.split(line, comments=True) for line in capsys.readouterr().out.splitlines()
+                     if not line.startswith("#")]
+
+
+def test_the_imagenet_dry_run_lists_every_run_with_its_methods_own_recipe(capsys, tmp_path):
+    (tmp_path / TORCHVISION_RESNET34).touch()
+    _, commands = imagenet_dry_run(capsys, "--no_group", "--import_teachers", str(tmp_path))
+    by_script = {script: [c for c in commands if c[1].endswith(script)]
+                 for script in ("train_teacher.py", "train_heads.py", "test_dih.py")}
+    (teacher,), (heads,) = by_script["train_teacher.py"], by_script["train_heads.py"]
+    assert flag(teacher, "--model") == "resnet34" and flag(teacher, "--import") == str(tmp_path / TORCHVISION_RESNET34)
+    assert "--epochs" not in teacher and flag(teacher, "--dataset") == "imagenet"
+    assert flag(heads, "--data_dir") == "/data/ilsvrc2012" and flag(heads, "--epochs") == "100"
+    assert (flag(heads, "--batch_size"), flag(heads, "--lr")) == IMAGENET_RECIPE["ce"]
+    students = {flag(c, "--method"): c for c in by_script["test_dih.py"]}
+    assert set(students) == set(IMAGENET_RECIPE) and len(by_script["test_dih.py"]) == len(IMAGENET_RECIPE)
+    for method, c in students.items():
+        assert flag(c, "--student") == "resnet18" and flag(c, "--epochs") == "100"
+        assert (flag(c, "--batch_size"), flag(c, "--lr")) == IMAGENET_RECIPE[method], method
+        start = c.index("--momentum")
+        assert c[start:start + len(IMAGENET_COMMON)] == IMAGENET_COMMON
+    hyper = {method: {key: flag(c, f"--{key}") for key in ("alpha", "beta", "temperature", "warmup",
+                                                            "cohort_reduction") if f"--{key}" in c}
+             for method, c in students.items()}
+    assert hyper["kd"] == {"alpha": "0.5", "temperature": "1.0"}  # kd.yaml: CE 0.5 + KD 0.5, T 1
+    assert hyper["dkd"] == {"alpha": "1.0", "beta": "0.5", "temperature": "1.0", "warmup": "1"}  # dkd.yaml, cfg.py
+    assert hyper["dih"] == {"alpha": "0.5", "temperature": "1.0", "cohort_reduction": "mean"}
+    assert (hyper["at"]["beta"], hyper["crd"]["beta"]) == ("1000.0", "0.8")
+
+    (tmp_path / TORCHVISION_RESNET34).unlink()
+    with pytest.raises(UserError, match=r"no .*resnet34-b627a593\.pth \(torchvision\.models\.resnet34"):
+        imagenet_dry_run(capsys, "--import_teachers", str(tmp_path))
+
+
+def test_imagenet_groups_are_split_by_batch_size(capsys):
+    """KD, AT, DIH and DKD (batch 512) share a process; CRD (batch 256) cannot share their batches: its own node."""
+    outcome, commands = imagenet_dry_run(capsys)
+    taught = [c for c in commands if c[1].endswith("test_dih.py") and "--teacher" in c]
+    by_methods = {tuple(c[c.index("--method") + 1:c.index("--teacher")]): c for c in taught}
+    assert set(by_methods) == {("kd", "at", "dih", "dkd"), ("crd",)}
+    for methods, c in by_methods.items():
+        assert (flag(c, "--batch_size"), flag(c, "--lr")) == IMAGENET_RECIPE[methods[0]]
+    folders = [node.out_dir.name for node in outcome.nodes if node.label.startswith("kd at dih dkd students")]
+    assert folders == ["group-resnet18-resnet34-b512-lr0.2-seed30"]  # not the folder of a group of the base recipe
+    assert len({node.out_dir for node in outcome.nodes}) == len(outcome.nodes) == 5
+
+
+def test_the_imagenet_sweep_survives_the_round_trip_through_its_flags():
+    parse = reproduce.build_parser().parse_args
+    sweep = make_sweep(parse(["--preset", "imagenet", "--data_dir", "/data/ilsvrc2012", "--methods", "kd", "crd"]))
+    assert sweep.recipe_of("resnet18", "kd") == {"batch_size": 512, "lr": 0.2}
+    assert sweep.recipe_of("resnet18", "crd") == sweep.recipe_of("resnet18") == {"batch_size": 256, "lr": 0.1}
+    assert make_sweep(parse(grid_flags(sweep))) == sweep
+
+
+def test_each_imagenet_published_number_names_its_source():
+    entries = read_published(PRESETS["imagenet"]["published"])
+    assert {(e.teacher, e.student) for e in entries} == {("resnet34", "resnet18")}
+    assert all(e.source and e.accuracy is not None for e in entries)
+    numbers = {(e.method, e.accuracy): e for e in entries}
+    assert sorted(numbers) == sorted([("teacher", 73.314), ("ce", 69.758), ("kd", 71.03), ("kd", 71.37),
+                                      ("at", 70.70), ("at", 70.90), ("crd", 71.17), ("crd", 70.93), ("dkd", 71.70)])
+    for original, reproduction in ((("at", 70.70), ("at", 70.90)), (("crd", 71.17), ("crd", 70.93))):
+        assert "'Original work'" in numbers[original].source and "torchdistill's reproduction" in \
+            numbers[reproduction].source
+    assert "mdistiller README.md" in numbers[("dkd", 71.70)].source
+    assert numbers[("kd", 71.37)].measure == "best" and numbers[("ce", 69.758)].measure == "final"
+
+
+def test_the_imagenet_report_compares_a_finished_sweep_with_each_published_number(tmp_path):
+    """Summaries of a fake finished sweep: the section lists every number, AT's and CRD's twice (the original and
+    torchdistill's reproduction), each against ours by its measure, with no warning about the data."""
+    sweep = make_sweep(reproduce.build_parser().parse_args([
+        "--preset", "imagenet", "--data_dir", str(tmp_path), "--runs_dir", str(tmp_path / "runs"),
+        "--results_dir", str(tmp_path / "results")]))
+    final = {"ce": 69.5, "kd": 70.75, "at": 70.25, "crd": 70.5, "dih": 71.25, "dkd": 71.0}
+    write_run(sweep.teacher_dir("resnet34", 30), 73.25)
+    write_run(sweep.heads_dir("resnet34", 30), 60.0, heads=[{"tap": "layer3", "final_test_acc": 55.0}])
+    for method, accuracy in final.items():  # write_run: the best epoch is the final one
+        write_run(sweep.student_dir("resnet18", method, "resnet34", 30), accuracy)
+    table = report(sweep)
+    assert "## Against the literature" in table and "compare different data" not in table
+    lines = list(csv.DictReader((sweep.results_dir / "imagenet" / "literature.csv").open()))
+    assert len(lines) == 9
+    for line in lines:
+        ours = 73.25 if line["method"] == "teacher" else final[line["method"]]
+        assert float(line["ours - published"]) == pytest.approx(ours - float(line["published"]))
+    assert "| resnet34 → resnet18 | AT | 70.70 | final epoch | 70.25 (n=1) | -0.45 | the AT paper" in table
+    assert "| resnet34 → resnet18 | AT | 70.90 | best epoch | 70.25 (n=1) | -0.65 | yoshitomo-matsubara/torchdistill" \
+        in table
+    assert "| resnet34 → resnet18 | DKD | 71.70 | best epoch | 71.00 (n=1) | -0.70 | megvii-research/mdistiller" \
+        in table
+
+
+def test_imagenet_and_folder_runs_are_recognised_by_the_name_their_summary_records(tmp_path):
+    """A finished stage run records `imagenet:<hash>` or `folder:<tag>:<hash>`, never the --dataset given."""
+    (tmp_path / "pets").mkdir()
+    assert dataset_matches("imagenet:0123456789ab", "imagenet")
+    assert dataset_matches("folder:pets:0123456789ab", str(tmp_path / "pets"))
+    assert not dataset_matches("folder:pets:0123456789ab", "imagenet")
+    assert not dataset_matches("imagenet:0123456789ab", str(tmp_path / "pets"))
+    assert not dataset_matches("cifar100", "imagenet")
