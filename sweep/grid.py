@@ -116,8 +116,6 @@ DEFAULTS: dict[str, Any] = {
 }
 # RepDistiller's (and mdistiller's) layout of its public teachers, e.g. save/models/resnet56_vanilla/ckpt_epoch_240.pth.
 IMPORT_LAYOUT = "{name}_vanilla/ckpt_epoch_240.pth"
-# The stage flags a method's own recipe may set (a preset's method_recipe), in the place of the sweep's.
-RECIPE_KEYS = ("batch_size", "lr")
 
 
 @dataclass(frozen=True)
