@@ -94,7 +94,8 @@ PRESETS["repdistiller-cifar100-cross"] = {
 # epoch, α 1 (cfg.py's default: dkd.yaml does not set it); crd.yaml batch 256, lr 0.1, CRD weight 0.8, 16384
 # negatives, T 0.07, momentum 0.5, 128 dimensions (cfg.py, our defaults). ⚑ DIH: the KD column's recipe and α 0.5,
 # T 1, with the cohort's losses averaged (cohort_reduction mean): DIH minus KD is then the heads' effect alone, in one
-# group with KD and on the same batches. ⚑ One seed: ImageNet runs are costly, and every published number is one run.
+# group with KD and on the same batches. ⚑ The heads: the base recipe for the students' 100 epochs (heads_epochs
+# follows --epochs). ⚑ One seed: ImageNet runs are costly, and every published number is one run.
 # The teacher: torchvision's IMAGENET1K_V1 weights (--import_teachers, torch hub's cache folder); the published
 # numbers: sweep/published/imagenet.csv.
 PRESETS["imagenet"] = {
