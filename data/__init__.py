@@ -29,6 +29,7 @@ from .device import (
     PAD_MODES,
     Batch,
     DeviceDataset,
+    Shard,
     crop_flip,
     num_train_batches,
     test_batches,
@@ -41,7 +42,7 @@ from .tinyimagenet import TinyImageNetSource
 
 __all__ = [
     "BUILTIN", "CIFAR_SOURCES", "DEFAULT_PAD_MODE", "DOWNLOADED_NAMES", "PAD", "PAD_MODES", "SOURCES", "TINYIMAGENET",
-    "Batch", "CifarSource", "DataError", "DeviceDataset", "HostData", "NpzSource", "Source", "SyntheticSource",
+    "Batch", "CifarSource", "DataError", "DeviceDataset", "HostData", "NpzSource", "Shard", "Source", "SyntheticSource",
     "TinyImageNetSource", "crop_flip", "dataset_tag", "from_arrays", "load_dataset", "make_synthetic", "npz_name",
     "num_train_batches", "save_npz", "source_for", "test_batches", "train_batches",
 ]
