@@ -234,3 +234,23 @@ def test_a_global_batch_that_the_processes_cannot_share_is_one_line_from_rank_ze
     expected = "train_teacher.py: rank 0: error: --batch_size 33 is the global batch, which 2 processes share " \
                "equally: give a multiple of 2\n"
     assert err == (expected if printed else "")
+
+
+def test_a_group_of_students_with_crd_trains_on_two_processes_what_it_trains_on_one(res8_teacher, micro_npz, tmp_path):
+    """KD and CRD side by side (one teacher pass a batch) under torchrun: CRD's negatives are drawn for the global
+    batch and its memory banks updated from it, so both students match their one-process runs (and every rank holds
+    the same banks: each epoch checks it)."""
+    import test_dih
+
+    argv = ["--method", "kd", "crd", "--student", "res8", "--teacher", "res8", "--teacher_ckpt", str(res8_teacher),
+            "--dataset", str(micro_npz), "--epochs", "1", "--batch_size", "32", "--lr", "0.05", "--amp", "off",
+            "--sync_bn", "--nce_k", "16"]
+    folders = {where: [flag for m in ("kd", "crd") for flag in (f"--{m}.out_dir", str(tmp_path / where / m))]
+               for where in ("one", "two")}
+    code, _, stderr = finish(torchrun("test_dih.py", *argv, *folders["two"]))
+    assert code == 0, stderr
+    test_dih.main([*argv, "--gpu_id", "cpu", *folders["one"]])
+    for method in ("kd", "crd"):
+        (one,), (two,) = rows(tmp_path / "one" / method), rows(tmp_path / "two" / method)
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4), method
+        assert (two["train_acc"], two["test_acc"]) == (one["train_acc"], one["test_acc"]), method
