@@ -152,19 +152,29 @@ class Shard(NamedTuple):
 ALONE = Shard()  # the one process of a run
 
 
-class Batch(NamedTuple):
-    """One training batch: normalised images, labels, and each image's index in the training set (CRD).
-
-    In a run of several processes it is this process's share of a global batch of `whole` rows, starting at row
-    `start` of it (a method that draws per-row randomness, CRD's negatives, draws it for the whole batch and keeps
-    these rows); `whole` None means the batch is whole.
-    """
-
+class _Rows(NamedTuple):
     x: Tensor
     y: Tensor
     index: Tensor
-    start: int = 0
+
+
+class Batch(_Rows):
+    """One training batch: normalised images, labels, and each image's index in the training set (CRD); it unpacks
+    as those three.
+
+    In a run of several processes it is this process's share of a global batch of `whole` rows, starting at its
+    row `start` (a method that draws per-row randomness, CRD's negatives, draws it for the whole batch and keeps
+    these rows); `whole` None means the batch is whole.
+    """
+
+    start: int = 0  # (class defaults: a batch rebuilt by NamedTuple's own methods is whole)
     whole: int | None = None
+
+    def __new__(cls, x: Tensor, y: Tensor, index: Tensor, start: int = 0, whole: int | None = None) -> Batch:
+        batch = super().__new__(cls, x, y, index)
+        if whole is not None:
+            batch.start, batch.whole = start, whole
+        return batch
 
     @property
     def share(self) -> float:
