@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from utils import UserError
 
 DEFAULT_TIMEOUT_S = 60  # a collective waits this long for a peer before the job stops
-ANSWER_WAIT_S = 5.0  # after a failed collective, how long the survivors wait for each other to report
+ANSWER_WAIT_S = 3.0  # after a failed collective, how long the survivors wait for each other to report
 
 
 @dataclass(frozen=True)

@@ -599,7 +599,7 @@ def _train_epoch(cohort: list[Run], epoch: int, data: DeviceDataset, group_step:
     batches = train_batches(data, cfg.batch_size, leader.generator, cfg.channels_last, cfg.pad_mode, shard)
     total = max(run.total for run in cohort)
     for batch in tqdm(batches, total=num_train_batches(data, cfg.batch_size), desc=f"epoch {epoch}/{total}",
-                      leave=False, disable=None):
+                      leave=False, disable=None if distributed.is_main() else True):  # one bar for the job
         for tally, result in zip(tallies, group_step(cohort, batch), strict=True):
             tally.add(result, batch.y.numel())
     sums = distributed.all_reduce_sum(torch.stack([tally.sums() for tally in tallies]))  # over the processes' shares
