@@ -180,6 +180,23 @@ def test_a_killed_task_of_an_srun_job_stops_the_others_with_one_line_naming_it(h
     assert (out / "last.pt").exists() and not (out / "summary.json").exists()
 
 
+def test_a_hung_task_stops_the_others_after_the_timeout_with_one_line_naming_it(hundred_npz, tmp_path):
+    out = tmp_path / "run"
+    procs = as_srun("train_teacher.py", *RECIPE, "--dataset", str(hundred_npz), "--out_dir", str(out),
+                    "--dist_timeout", "3")
+    wait_for_epoch(out, procs)
+    procs[1].send_signal(signal.SIGSTOP)  # alive, holding its connections, answering nothing
+    stopped = time.monotonic()
+    try:
+        code, _, stderr = finish(procs[0], timeout=STOP_WITHIN_S)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert time.monotonic() - stopped < STOP_WITHIN_S
+    assert code == 1 and "rank 0: error: lost rank(s) 1 of the job's 2 processes" in stderr, stderr
+    assert "Timed out" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
 def test_sigterm_stops_every_task_with_the_last_finished_epoch_kept(hundred_npz, tmp_path):
     out = tmp_path / "run"
     procs = as_srun("train_teacher.py", *RECIPE, "--dataset", str(hundred_npz), "--out_dir", str(out))
