@@ -105,7 +105,7 @@ def common_parser(description: str) -> Parser:
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                    help="on: torch.compile; graphs: replay each training step from a CUDA graph; max: both "
                         "(auto: off; see docs/BENCHMARKS.md)")
-    many = p.add_argument_group("on many processes (torchrun --nproc_per_node N, or srun): see README")
+    many = p.add_argument_group("on many processes (torchrun --nproc_per_node N, or srun; README: Many GPUs and nodes)")
     # None rather than False when absent: runs stored before this flag existed still --resume.
     many.add_argument("--sync_bn", action="store_true", default=None,
                       help="batch norm over the global batch (SyncBatchNorm), so that N processes train what one "
