@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import torch
 
+import distributed
 from data import DEFAULT_PAD_MODE, PAD_MODES, Dataset, dataset_tag, is_streamed, load_dataset
 from data.base import one_line
 from data.streaming import DECODERS
@@ -58,6 +59,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        if distributed.rank_in_environment() != 0:  # every process of a job parses alike: rank 0 says it once
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -93,7 +96,8 @@ def common_parser(description: str) -> Parser:
     p.add_argument("--data_url", default=None,
                    help="a mirror of the dataset's archive (http, https, file:// or a path; default: the official URL)")
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="the global batch: on N processes (torchrun, srun) each computes batch_size/N of it")
     p.add_argument("--lr", type=finite_float, default=0.1)
     p.add_argument("--momentum", type=finite_float, default=0.9)
     p.add_argument("--wd", type=finite_float, default=5e-4, help="weight decay")
@@ -113,6 +117,13 @@ def common_parser(description: str) -> Parser:
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                    help="on: torch.compile; graphs: replay each training step from a CUDA graph; max: both "
                         "(auto: off; see docs/BENCHMARKS.md)")
+    many = p.add_argument_group("on many processes (torchrun --nproc_per_node N, or srun; README: Many GPUs and nodes)")
+    # None rather than False when absent: runs stored before this flag existed still --resume.
+    many.add_argument("--sync_bn", action="store_true", default=None,
+                      help="batch norm over the global batch (SyncBatchNorm), so that N processes train what one "
+                           "does; without it each process normalises its own share, as DistributedDataParallel does")
+    many.add_argument("--dist_timeout", type=finite_float, default=distributed.DEFAULT_TIMEOUT_S,
+                      help="seconds a process waits for the others before the job stops (a lost or hung process)")
     return p
 
 
@@ -121,30 +132,52 @@ RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "wd", "nesterov", "gam
 
 
 def parse(parser: Parser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device, TrainConfig]:
-    """Parse and validate the flags; pick the device; build the engine's config."""
+    """Parse and validate the flags; pick the device; join the job when launched as several processes; build the
+    engine's config."""
     args = parser.parse_args(argv)
-    args.schedule = parse_schedule(args.schedule)
-    check_seed(args.seed)
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "gamma"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("momentum", "wd"):
-        if not getattr(args, name) >= 0:
-            raise UserError(f"--{name} must be non-negative, got {getattr(args, name)}")
-    device = resolve_device(args.gpu_id)
-    execution = choose_execution(device, args.amp, args.compile, **cpu_execution_inputs())
+    world = distributed.environment()
+    try:
+        check_flags(args, world)
+        device = distributed.device_for(args.gpu_id, world) or resolve_device(args.gpu_id)
+        execution = choose_execution(device, args.amp, args.compile, **cpu_execution_inputs())
+        if world.size > 1 and execution.cuda_graphs:
+            raise UserError(f"--compile {args.compile} captures one process's step in CUDA graphs; on {world.size} "
+                            "processes use --compile on or off")
+    except UserError as err:
+        raise distributed.same_on_every_rank(err) from None
+    args.world_size = world.size  # recorded with the run: --resume refuses another number of processes
     # Execution's fields (what the device runs) are TrainConfig's own.
     recipe = {name: getattr(args, name) for name in RECIPE_FLAGS}
-    cfg = TrainConfig(**recipe, schedule=tuple(args.schedule), **dataclasses.asdict(execution))
+    cfg = TrainConfig(**recipe, schedule=tuple(args.schedule), sync_bn=bool(args.sync_bn),
+                      **dataclasses.asdict(execution))
     if device.type == "cuda":
         # The run's GPU becomes the current one: CUDA graphs' streams and capture, torch.cuda calls without a
         # device, and libraries that assume the current device then all act on it, not on cuda:0.
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    distributed.init(world, device, args.dist_timeout)
     return args, device, cfg
+
+
+def check_flags(args: argparse.Namespace, world: distributed.World) -> None:
+    """Refuse flag values no run can use, with one line (the same on every process of a job)."""
+    args.schedule = parse_schedule(args.schedule)
+    check_seed(args.seed)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "gamma", "dist_timeout"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("momentum", "wd"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} must be non-negative, got {getattr(args, name)}")
+    if world.size > 1 and is_streamed(args.dataset):
+        raise UserError(f"--dataset {args.dataset}: image folders do not stream over several processes yet; run "
+                        "it as one process")
+    if args.batch_size % world.size:
+        raise UserError(f"--batch_size {args.batch_size} is the global batch, which {world.size} processes share "
+                        f"equally: give a multiple of {world.size}")
 
 
 def default_dir(dataset_tag: str, name: str, seed: int) -> Path:
@@ -169,7 +202,12 @@ class Terminated(BaseException):
 
 
 def _terminate(signum: int, frame: Any) -> NoReturn:
+    global _terminating
+    _terminating = True
     raise Terminated
+
+
+_terminating = False  # SIGTERM came: a collective failing meanwhile is the job stopping, not a lost process
 
 
 def host_out_of_memory(err: BaseException) -> bool:
@@ -188,13 +226,15 @@ def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "reru
     try:
         try:
             main(None)
+            distributed.teardown()
         finally:
             sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
         sys.exit(141)
     except UserError as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
+        if not distributed.quiet(err):  # rank 0 prints what every process of a job met alike
+            print(f"{name}: {distributed.who()}error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{name}: interrupted; {resume_hint}", file=sys.stderr)
@@ -207,6 +247,12 @@ def main_guard(main: Callable[[list[str] | None], Any], resume_hint: str = "reru
         print(f"{name}: error: out of {where} memory; try a smaller --batch_size", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as err:
+        if distributed.lost_peer(err):
+            if _terminating:
+                print(f"{name}: terminated (SIGTERM); {resume_hint}", file=sys.stderr)
+                sys.exit(143)
+            print(f"{name}: {distributed.lost_ranks_line(err)}", file=sys.stderr)
+            sys.exit(1)
         if not host_out_of_memory(err):
             raise
         print(f"{name}: error: out of host memory ({one_line(err)[:200]}); try a smaller --batch_size or free some "

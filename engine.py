@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import distributed
 from checkpoint import expect_match, load_checkpoint, load_weights, model_fingerprint, save_checkpoint
 from cuda_graphs import GraphedStep
-from data import DEFAULT_PAD_MODE, Batch, Dataset, num_train_batches, test_batches, train_batches
+from data import DEFAULT_PAD_MODE, Batch, Dataset, Shard, num_train_batches, test_batches, train_batches
 from random_streams import (
     capture_random_streams,
     restore_random_state,
@@ -47,7 +48,7 @@ EXTRAS_FILE = "extras.pt"
 # Arguments that may change when a run is resumed: where and how fast it runs, where it reads and writes. The
 # effective precision (which --amp gives on the device) is checked on its own.
 RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "amp", "compile", "summary",
-                               "workers"})
+                               "workers", "dist_timeout", "world_size"})  # the number of processes: checked by _restore alone
 
 StepOutput = tuple[Tensor, list[Tensor]]  # (loss, logits of each classifier being trained)
 Needs = frozenset[str]  # what a phase reads of its stage's shared pass (see `SharedPass`)
@@ -87,6 +88,7 @@ class TrainConfig:
     channels_last: bool = False
     cuda_graphs: bool = False  # replay the whole training step, optimizer included, from CUDA graphs
     pad_mode: str = DEFAULT_PAD_MODE  # of the random crop: "zeros" (the authors' code) or "reflect"
+    sync_bn: bool = False  # in a run of several processes, batch norm over the global batch (distributed.py)
     eval_batch_size: int = 1000
 
 
@@ -203,11 +205,17 @@ def make_train_step(loss_fn: Callable[[Batch, Any], StepOutput], optimizer: torc
     """
     forward = torch.compile(loss_fn) if cfg.compile else loss_fn
 
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
     def step(batch: Batch, shared: Any = None) -> StepResult:
         with autocast(cfg, batch.x.device):
             loss, logits = forward(batch, shared)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if batch.whole is None:
+            loss.backward()
+        else:  # one process's share of a global batch: the shares' gradients sum to the global batch's
+            (loss * batch.share).backward()
+            distributed.reduce_gradients(parameters)
         optimizer.step()
         if not logits:  # a phase that trains no classifier (FitNets' hint phase) has no train accuracy
             return loss.detach().float(), None
@@ -270,6 +278,8 @@ class Run:
     def __init__(self, stage: Stage, cfg: TrainConfig, device: torch.device, out_dir: str | Path | None = None,
                  args: dict[str, Any] | None = None, name: str = ""):
         self.stage, self.cfg, self.args, self.name = stage, cfg, args or {}, name
+        if cfg.sync_bn and distributed.world_size() > 1:
+            distributed.sync_batchnorm(stage.trainable, device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.phases = stage.phases(cfg.epochs)
         self.total = sum(phase.epochs for phase in self.phases)
@@ -370,6 +380,9 @@ class Run:
         )
 
     def _save_progress(self) -> None:
+        """last.pt and metrics.jsonl, written by rank 0 alone (every rank holds the same state: `check_identical`)."""
+        if not distributed.is_main():
+            return
         with self.own_random_streams():
             random_state = save_random_state(run_generators(self.generator))
         save_checkpoint(
@@ -401,6 +414,11 @@ class Run:
             raise UserError(f"--resume: this run trained with channels_last={ckpt['channels_last']}, but this config "
                             f"has {cfg.channels_last}; resume in the layout it started with (assembly.keep_layout "
                             "gives it)")
+        started_on, here = ckpt["args"].get("world_size", 1), args.get("world_size", 1)
+        if started_on != here:  # (runs before many processes recorded none: they ran on one)
+            raise UserError(f"--resume: this run was started on {started_on} process(es), here it runs on {here}; "
+                            f"resume it on {started_on} (torchrun --nproc_per_node {started_on}, or as many srun "
+                            "tasks)")
         _check_arguments(ckpt["args"], args)
         now = self.stage.provenance()
         for role, then in ckpt.get("provenance", {}).items():  # (checkpoints before this check did not record it)
@@ -426,9 +444,11 @@ class Run:
         fingerprint = model_fingerprint(stage.model)
         meta = {"dataset": data.name, "num_classes": data.num_classes, "image_size": data.image_size,
                 "epoch": len(history), "args": self.args}
-        save_checkpoint(self.out_dir / weights_file, stage.kind, stage.model.state_dict(), **meta,
-                        fingerprint=fingerprint, **stage.checkpoint_meta())
-        if len(stage.extras):
+        writer = distributed.is_main()  # every rank builds the summary; rank 0 alone writes
+        if writer:
+            save_checkpoint(self.out_dir / weights_file, stage.kind, stage.model.state_dict(), **meta,
+                            fingerprint=fingerprint, **stage.checkpoint_meta())
+        if writer and len(stage.extras):
             save_checkpoint(self.out_dir / EXTRAS_FILE, "extras", stage.extras.state_dict(), **meta,
                             model_fingerprint=fingerprint, modules=list(stage.extras.keys()))
         last = history[-1]
@@ -454,7 +474,8 @@ class Run:
             summary["cuda_graphs"] = {key: sum(counts[key] for counts in graphed) for key in graphed[0]}
         if len(stage.extras):
             summary["extras"] = EXTRAS_FILE
-        atomic_write_json(self.out_dir / "summary.json", summary)
+        if writer:
+            atomic_write_json(self.out_dir / "summary.json", summary)
         self.summary = summary
         return summary
 
@@ -523,6 +544,7 @@ def fit_group(runs: list[Run], data: Dataset, resume: bool = False,
         raise ValueError("the runs of a group share one TrainConfig")
     for run in runs:
         run.open(resume, log)
+    distributed.barrier()  # every rank has read the folders before rank 0 writes into them
     group_step = GroupStep(cfg)
     active = [run for run in runs if run.summary is None]
     failures: list[str] = []
@@ -573,16 +595,23 @@ def _train_epoch(cohort: list[Run], epoch: int, data: Dataset, group_step: Group
     for run in cohort:
         run.start_epoch(epoch)
     tallies = [EpochTally(torch.zeros((), device=data.device)) for _ in cohort]
-    batches = train_batches(data, cfg.batch_size, leader.generator, cfg.channels_last, cfg.pad_mode)
+    shard = Shard(distributed.rank(), distributed.world_size())  # this process's share of every global batch
+    batches = train_batches(data, cfg.batch_size, leader.generator, cfg.channels_last, cfg.pad_mode, shard)
     total = max(run.total for run in cohort)
     for batch in tqdm(batches, total=num_train_batches(data, cfg.batch_size), desc=f"epoch {epoch}/{total}",
-                      leave=False, disable=None):
+                      leave=False, disable=None if distributed.is_main() else True):  # one bar for the job
         for tally, result in zip(tallies, group_step(cohort, batch), strict=True):
             tally.add(result, batch.y.numel())
-    means = (torch.stack([tally.sums() for tally in tallies]) / len(data.y_train)).tolist()  # the epoch's one host read
+    sums = distributed.all_reduce_sum(torch.stack([tally.sums() for tally in tallies]))  # over the processes' shares
+    means = (sums / len(data.y_train)).tolist()  # the epoch's one host read
     train_seconds = (time.perf_counter() - started) / len(cohort)  # each run's share of the epoch's training
     for run in cohort:  # the leader drew the batches for all: every run's data generator moves on with it
         run.generator.set_state(leader.generator.get_state())
+        if not cfg.sync_bn:  # each process's batch-norm statistics followed its own share: take rank 0's
+            distributed.broadcast_batchnorm_statistics(run.stage.trainable)
+        with run.own_random_streams():
+            distributed.check_identical(f"epoch {epoch}{f' [{run.name}]' if run.name else ''}", run.stage.trainable,
+                                        run_generators(run.generator).values())
     diverged = []
     for run, tally, (train_loss, train_acc) in zip(cohort, tallies, means, strict=True):
         if not math.isfinite(train_loss):
@@ -617,12 +646,17 @@ def _evaluate(stage: Stage, eval_step: Callable, data: Dataset, cfg: TrainConfig
     """Per named classifier: (mean cross-entropy, accuracy in percent) over the test set."""
     stage.trainable.eval()
     sums: dict[str, Tensor] = {}
+    shard = Shard(distributed.rank(), distributed.world_size())  # each process its share of the test set
     with torch.inference_mode(), autocast(cfg, data.device):
-        for x, y in test_batches(data, cfg.eval_batch_size, channels_last=cfg.channels_last):
+        for x, y in test_batches(data, cfg.eval_batch_size, channels_last=cfg.channels_last, shard=shard):
             for name, logits in eval_step(x).items():
                 logits = logits.float()
                 batch = torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
                 sums[name] = sums[name] + batch if name in sums else batch
+    if distributed.world_size() > 1:  # every test image counted once, by the process whose share holds it
+        names = sorted(sums)
+        total = distributed.all_reduce_sum(torch.stack([sums[name].double() for name in names]))
+        sums = dict(zip(names, total, strict=True))
     count = len(data.y_test)
     return {name: (float(s[0]) / count, 100.0 * float(s[1]) / count) for name, s in sums.items()}
 

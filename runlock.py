@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import distributed
 from utils import UserError
 
 RUN_LOCK = ".run.lock"  # in every run folder while a process works in it
@@ -133,13 +134,19 @@ def _create(folder: Path) -> list[Path]:
     return missing
 
 
-@contextlib.contextmanager
-def run_folder(out_dir: Path, flag: str = "--out_dir") -> Iterator[None]:
+def run_folder(out_dir: Path, flag: str = "--out_dir") -> contextlib.AbstractContextManager:
     """Be the one process writing into the run folder `out_dir`, created if need be, for the whole context.
 
     Checks on the way that the folder can be written (the lock file is written and flushed), so an unusable
-    folder is one line before any data is loaded; a folder created here and left empty is removed again.
+    folder is one line before any data is loaded; a folder created here and left empty is removed again. In a job
+    of several processes (torchrun, srun) rank 0, the one that writes, holds it for the whole job; the others wait
+    for its answer and stop with its one line if it cannot.
     """
+    return distributed.on_rank_zero(_run_folder(out_dir, flag))
+
+
+@contextlib.contextmanager
+def _run_folder(out_dir: Path, flag: str) -> Iterator[None]:
     try:
         created = _create(out_dir)
     except OSError as err:

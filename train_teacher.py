@@ -12,6 +12,7 @@ import torch
 
 import assembly
 import cli
+import distributed
 from engine import fit
 from heads import tofd_aux_for
 from importing import import_teacher
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = cli.run_dir(args, f"teacher-{args.model}" + (f"-{VARIANT}" if args.tofd else ""))
     if args.import_path is not None:
         refuse_training_flags(parser, args)
+        if args.world_size > 1:
+            raise distributed.same_on_every_rank(UserError("--import runs in one process: start it without torchrun "
+                                                           "or srun"))
         with run_folder(out_dir):  # an import writes a run folder too: one writer at a time
             summary = import_teacher(args.model, args.import_path, args, device, cfg, out_dir)
         stated = summary["imported_accuracy"]

@@ -29,7 +29,7 @@ from . import arrays, streaming
 from . import device as resident
 from .base import DataError, HostData, Source
 from .cifar import CIFAR_SOURCES, CifarSource
-from .device import DEFAULT_PAD_MODE, PAD, PAD_MODES, Batch, DeviceDataset, crop_flip, to_device
+from .device import DEFAULT_PAD_MODE, PAD, PAD_MODES, Batch, DeviceDataset, Shard, crop_flip, to_device
 from .imagefolder import DEFAULT_IMAGE_SIZE, folder_tag, index_folder
 from .npz import NpzSource, npz_name, save_npz
 from .streaming import StreamingDataset, default_workers
@@ -38,7 +38,7 @@ from .tinyimagenet import TinyImageNetSource
 
 __all__ = [
     "BUILTIN", "CIFAR_SOURCES", "DEFAULT_PAD_MODE", "DOWNLOADED_NAMES", "PAD", "PAD_MODES", "SOURCES", "TINYIMAGENET",
-    "Batch", "CifarSource", "DataError", "Dataset", "DeviceDataset", "HostData", "IMAGENET", "NpzSource", "Source",
+    "Batch", "CifarSource", "DataError", "Dataset", "DeviceDataset", "HostData", "IMAGENET", "NpzSource", "Shard", "Source",
     "StreamingDataset", "SyntheticSource", "TinyImageNetSource", "crop_flip", "dataset_tag", "from_arrays",
     "is_streamed", "load_dataset", "make_synthetic", "npz_name",
     "num_train_batches", "save_npz", "source_for", "test_batches", "train_batches",
@@ -146,20 +146,29 @@ def num_train_batches(ds: Dataset, batch_size: int) -> int:
 
 
 def train_batches(ds: Dataset, batch_size: int, generator: torch.Generator, channels_last: bool = False,
-                  pad_mode: str = DEFAULT_PAD_MODE) -> Iterator[Batch]:
-    """One augmented epoch of either kind of dataset (`pad_mode` is the device path's padded crop's)."""
+                  pad_mode: str = DEFAULT_PAD_MODE, shard: Shard = resident.ALONE) -> Iterator[Batch]:
+    """One augmented epoch of either kind of dataset (`pad_mode` is the device path's padded crop's; `shard`: this
+    process's share of every global batch, on the device path only: cli refuses image folders on many processes)."""
     if isinstance(ds, StreamingDataset):
         resident._check_batch_size(batch_size)
+        _check_alone(shard)
         return streaming.train_batches(ds, batch_size, generator, channels_last)
-    return resident.train_batches(ds, batch_size, generator, channels_last, pad_mode)
+    return resident.train_batches(ds, batch_size, generator, channels_last, pad_mode, shard)
 
 
-def test_batches(ds: Dataset, batch_size: int, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The test set in order, normalised, of either kind of dataset."""
+def test_batches(ds: Dataset, batch_size: int, channels_last: bool = False,
+                 shard: Shard = resident.ALONE) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The test set in order, normalised, of either kind of dataset (`shard`: this process's contiguous share)."""
     if isinstance(ds, StreamingDataset):
         resident._check_batch_size(batch_size)
+        _check_alone(shard)
         return streaming.test_batches(ds, batch_size, channels_last)
-    return resident.test_batches(ds, batch_size, channels_last)
+    return resident.test_batches(ds, batch_size, channels_last, shard)
+
+
+def _check_alone(shard: Shard) -> None:
+    if shard.world > 1:
+        raise DataError("image folders do not stream over several processes yet: run it as one process")
 
 
 test_batches.__test__ = False  # not a pytest test, even when a test module imports it by name

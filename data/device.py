@@ -139,12 +139,52 @@ def num_train_batches(ds: DeviceDataset, batch_size: int) -> int:
     return math.ceil(len(ds.y_train) / batch_size)
 
 
-class Batch(NamedTuple):
-    """One training batch: normalised images, labels, and each image's index in the training set (CRD)."""
+def shard_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, stop) of `total` that process `rank` of `world` takes: contiguous shares in rank order, the
+    first `total % world` of them one row longer (torch.tensor_split's split)."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
+
+class Shard(NamedTuple):
+    """Which process of a many-process run this is: it takes its share of every global batch (`shard_bounds`)."""
+
+    rank: int = 0
+    world: int = 1
+
+
+ALONE = Shard()  # the one process of a run
+
+
+class _Rows(NamedTuple):
     x: Tensor
     y: Tensor
     index: Tensor
+
+
+class Batch(_Rows):
+    """One training batch: normalised images, labels, and each image's index in the training set (CRD); it unpacks
+    as those three.
+
+    In a run of several processes it is this process's share of a global batch of `whole` rows, starting at its
+    row `start` (a method that draws per-row randomness, CRD's negatives, draws it for the whole batch and keeps
+    these rows); `whole` None means the batch is whole.
+    """
+
+    start: int = 0  # (class defaults: a batch rebuilt by NamedTuple's own methods is whole)
+    whole: int | None = None
+
+    def __new__(cls, x: Tensor, y: Tensor, index: Tensor, start: int = 0, whole: int | None = None) -> Batch:
+        batch = super().__new__(cls, x, y, index)
+        if whole is not None:
+            batch.start, batch.whole = start, whole
+        return batch
+
+    @property
+    def share(self) -> float:
+        """This batch's fraction of the global batch: the weight of its loss in the global one."""
+        return 1.0 if self.whole is None else len(self.y) / self.whole
 
 
 def train_batches(
@@ -153,12 +193,14 @@ def train_batches(
     generator: torch.Generator,
     channels_last: bool = False,
     pad_mode: str = DEFAULT_PAD_MODE,
+    shard: Shard = ALONE,
 ) -> Iterator[Batch]:
     """One augmented epoch: shuffled, random padded crop, random horizontal flip, normalised float32.
 
     All randomness for the epoch (permutation, offsets, flips) is drawn from ``generator`` when iteration
     starts, on the device, so restoring ``generator.get_state()`` replays the epoch bit for bit and no
-    batch waits on the host.
+    batch waits on the host. With a `shard`, every process draws the same global epoch and gathers only its
+    share of each global batch of `batch_size`: the processes together see what one process would.
     """
     _check_batch_size(batch_size)
     device = ds.x_train.device
@@ -171,22 +213,28 @@ def train_batches(
     rows, cols = _crop_indices(offsets, flips, ds.image_size, PAD, pad_mode)
     scale, shift = _normaliser(ds)
     for start in range(0, n, batch_size):
-        batch = slice(start, start + batch_size)
+        whole = min(batch_size, n - start)
+        first, stop = shard_bounds(whole, *shard)
+        batch = slice(start + first, start + stop)
         index = order[batch]
         crops = _gather(ds.x_train, index, rows[batch], cols[batch], channels_last, zero_pad=pad_mode == "zeros")
-        yield Batch(torch.addcmul(shift, crops.float(), scale), ds.y_train[index], index)
+        x = torch.addcmul(shift, crops.float(), scale)
+        yield Batch(x, ds.y_train[index], index, first, None if shard.world == 1 else whole)
 
 
 def test_batches(
-    ds: DeviceDataset, batch_size: int, channels_last: bool = False
+    ds: DeviceDataset, batch_size: int, channels_last: bool = False, shard: Shard = ALONE
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """The test set in order, normalised, without augmentation."""
+    """The test set in order, normalised, without augmentation; with a `shard`, this process's contiguous share of
+    it (the shares together hold every test image once)."""
     _check_batch_size(batch_size)
     scale, shift = _normaliser(ds)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for start in range(0, len(ds.y_test), batch_size):
-        x = ds.x_test[start : start + batch_size].contiguous(memory_format=memory_format)
-        yield torch.addcmul(shift, x.float(), scale), ds.y_test[start : start + batch_size]
+    first, stop = shard_bounds(len(ds.y_test), *shard)
+    for start in range(first, stop, batch_size):
+        end = min(start + batch_size, stop)
+        x = ds.x_test[start:end].contiguous(memory_format=memory_format)
+        yield torch.addcmul(shift, x.float(), scale), ds.y_test[start:end]
 
 
 test_batches.__test__ = False  # not a pytest test, even when a test module imports it by name

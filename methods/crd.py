@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import distributed
 from data import Batch
+from data.device import shard_bounds
 from engine import StepOutput
 from losses import soft_kl
 from utils import UserError, available_memory
@@ -45,7 +47,9 @@ class NegativeSampler(nn.Module):
 
     Without replacement where every class has at least K negatives (RepDistiller's "exact" mode), with
     replacement otherwise (as RepDistiller falls back to). The tables are derived from the labels and not
-    saved; the randomness comes from torch's global generator, whose state the engine saves for --resume.
+    saved; the randomness comes from torch's global generator, whose state the engine saves for --resume. A process
+    of a many-process run draws for the whole global batch and keeps its rows: the draws, and the generators'
+    states after them, are one process's.
     """
 
     def __init__(self, labels: Tensor, num_classes: int, k: int):
@@ -57,13 +61,16 @@ class NegativeSampler(nn.Module):
         self.n, self.k = len(labels), k
         self.replace = k > self.n - int(counts.max())  # one host read, at construction
 
-    def forward(self, y: Tensor) -> Tensor:
-        """(B,) labels → (B, K) indices of other-class samples."""
+    def forward(self, y: Tensor, start: int = 0, whole: int | None = None) -> Tensor:
+        """(B,) labels → (B, K) indices of other-class samples; `y` being rows [start, start + B) of a global batch
+        of `whole` rows, if given."""
         available = self.n - self.counts[y]  # (B,) how many negatives each sample has
+        rows = slice(start, start + len(y))
+        drawn = len(y) if whole is None else whole
         if self.replace:
-            position = (torch.rand(len(y), self.k, device=y.device) * available[:, None]).long()
+            position = (torch.rand(drawn, self.k, device=y.device)[rows] * available[:, None]).long()
         else:  # the K smallest of uniform keys over the available positions: a uniform K-subset
-            keys = torch.rand(len(y), self.n, device=y.device)
+            keys = torch.rand(drawn, self.n, device=y.device)[rows]
             keys = keys.masked_fill(torch.arange(self.n, device=y.device) >= available[:, None], 2.0)
             position = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
         # Skip the sample's own class block in the class-sorted order.
@@ -83,12 +90,15 @@ class ContrastMemory(nn.Module):
         self.register_buffer("z_t", torch.tensor(-1.0))
         self.temperature, self.momentum = temperature, momentum
 
-    def forward(self, v_s: Tensor, v_t: Tensor, index: Tensor, contrast: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, v_s: Tensor, v_t: Tensor, index: Tensor, contrast: Tensor,
+                whole: int | None = None) -> tuple[Tensor, Tensor]:
         """Scores of (B, 1 + K) pairs: column 0 the positive (the sample itself), then its negatives.
 
         out_s scores the student's embedding against the teacher's bank, out_t the teacher's against the
         student's. Z is set once, from the first batch, and kept; then each bank row of the batch moves
-        towards its new embedding (momentum) and is renormalised.
+        towards its new embedding (momentum) and is renormalised. With `whole` (this process holds a share of a
+        global batch of that many rows) Z and the banks' update read the global batch, so every process keeps the
+        banks one process would.
         """
         n = self.memory_s.shape[0]
         # The products keep their bank for the backward pass, and the banks change in place below: score
@@ -96,8 +106,15 @@ class ContrastMemory(nn.Module):
         out_s = torch.exp((v_s @ self.memory_t.clone().T).gather(1, contrast) / self.temperature)
         out_t = torch.exp((v_t @ self.memory_s.clone().T).gather(1, contrast) / self.temperature)
         with torch.no_grad():  # no host read: torch.where keeps Z on the device
-            self.z_s.copy_(torch.where(self.z_s < 0, out_s.mean() * n, self.z_s))
-            self.z_t.copy_(torch.where(self.z_t < 0, out_t.mean() * n, self.z_t))
+            mean_s, mean_t = out_s.mean(), out_t.mean()
+            if whole is not None:  # the global batch's means and rows
+                sums = distributed.all_reduce_sum(torch.stack([out_s.sum(), out_t.sum()]))
+                mean_s, mean_t = sums / (whole * out_s.shape[1])
+                counts = [stop - start for start, stop in
+                          (shard_bounds(whole, r, distributed.world_size()) for r in range(distributed.world_size()))]
+                v_s, v_t, index = (distributed.gather_rows(t, counts) for t in (v_s, v_t, index))
+            self.z_s.copy_(torch.where(self.z_s < 0, mean_s * n, self.z_s))
+            self.z_t.copy_(torch.where(self.z_t < 0, mean_t * n, self.z_t))
             for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
                 rows = memory[index] * self.momentum + v.detach() * (1 - self.momentum)
                 memory.index_copy_(0, index, F.normalize(rows, dim=1))
@@ -166,10 +183,10 @@ class ContrastiveDistillation(StudentStage):
     def training_step(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
         student = self.model.forward_features(batch.x)
         e, h = self.extras, self.hyper
-        contrast = torch.cat([batch.index[:, None], e["sampler"](batch.y)], dim=1)
+        contrast = torch.cat([batch.index[:, None], e["sampler"](batch.y, batch.start, batch.whole)], dim=1)
         with torch.autocast(batch.x.device.type, enabled=False):  # exp(score / 0.07) wants fp32
             v_s, v_t = e["embed_s"](student.pooled.float()), e["embed_t"](teacher.pooled.float())
-            out_s, out_t = e["memory"](v_s, v_t, batch.index, contrast)
+            out_s, out_t = e["memory"](v_s, v_t, batch.index, contrast, batch.whole)
             n = e["memory"].memory_s.shape[0]
             crd = contrast_loss(out_s, n) + contrast_loss(out_t, n)
         loss = F.cross_entropy(student.logits.float(), batch.y) + h["beta"] * crd

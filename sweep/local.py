@@ -35,10 +35,36 @@ def parse_gpus(text: str | None) -> list[str | None]:
     return gpus
 
 
+def gpu_groups(gpus: list[str | None], processes: int, jobs: int) -> list[str | None]:
+    """The GPUs of --gpus (parsed) as one entry per device slot: each GPU alone, or with --gpus_per_run N > 1
+    consecutive groups of N ("0,1"), which a run's processes see as its CUDA_VISIBLE_DEVICES; None: the run's own
+    choice (a run of N processes takes the first N GPUs)."""
+    if processes == 1:
+        return gpus
+    if gpus == [None]:
+        if jobs > 1:
+            raise UserError(f"--jobs {jobs} runs of --gpus_per_run {processes} would share the first {processes} GPUs: "
+                            "list the GPUs to spread them over with --gpus")
+        return gpus
+    if any(gpu.strip().lower() == "cpu" for gpu in gpus):
+        raise UserError("--gpus lists GPUs to group for --gpus_per_run; for runs on the CPU leave --gpus out")
+    if len(gpus) % processes:
+        raise UserError(f"--gpus {','.join(gpus)}: {len(gpus)} GPUs do not make groups of --gpus_per_run {processes}")
+    return [",".join(gpus[i:i + processes]) for i in range(0, len(gpus), processes)]
+
+
+def torchrun_argv(argv: list[str], processes: int) -> list[str]:
+    """`argv` (python SCRIPT ...) as `torchrun --standalone --nproc_per_node N SCRIPT ...` (torch.distributed.run
+    under the same interpreter; --standalone: a free port of this machine for each run)."""
+    return [argv[0], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *argv[1:]]
+
+
 def execute(
-    nodes: list[Node], dataset: str, jobs: int, gpus: list[str | None], log: Callable[[str], None] = print
+    nodes: list[Node], dataset: str, jobs: int, gpus: list[str | None], log: Callable[[str], None] = print,
+    processes: int = 1,
 ) -> Outcome:
-    """Run the unfinished nodes, each as soon as the runs it needs have finished, `jobs` at once per device.
+    """Run the unfinished nodes, each as soon as the runs it needs have finished, `jobs` at once per device (each
+    run on `processes` processes under torchrun where more than 1: `gpus` are then groups of GPUs, `gpu_groups`).
 
     A failed node's dependents are skipped; the others go on. Output goes to log.txt and stderr.txt in
     each node's folder; the terminal gets one line per start and finish.
@@ -52,8 +78,8 @@ def execute(
     slots = [gpu for _ in range(jobs) for gpu in gpus]  # round-robin over the GPUs
     free = list(range(len(slots)))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if len(slots) > 1 and "OMP_NUM_THREADS" not in env:  # concurrent CPU runs would oversubscribe the cores
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
+    if len(slots) * processes > 1 and "OMP_NUM_THREADS" not in env:  # concurrent CPU processes would oversubscribe
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (len(slots) * processes)))
     blocked: set[Path] = set()  # runs that failed or could not start
     running: dict[int, tuple[Node, subprocess.Popen, int, float]] = {}
     try:
@@ -68,7 +94,7 @@ def execute(
                     pending.remove(node)
                     slot = free.pop(0)
                     with signals_deferred():  # a run is listed (to be stopped on SIGINT/SIGTERM) as it starts
-                        running[slot] = (node, *launch(node, slots[slot], env), time.perf_counter())
+                        running[slot] = (node, *launch(node, slots[slot], env, processes), time.perf_counter())
                     outcome.launched.append(node)
                     device = f" on GPU {slots[slot]}" if slots[slot] is not None else ""
                     log(f"start  {node.label}{device} -> {node.out_dir}")
@@ -141,8 +167,9 @@ def exclusive(folder: Path) -> Iterator[None]:
         yield
 
 
-def launch(node: Node, gpu: str | None, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """Start a node's command, appending to its logs; return the process and where its stderr starts.
+def launch(node: Node, gpu: str | None, env: dict[str, str], processes: int = 1) -> tuple[subprocess.Popen, int]:
+    """Start a node's command, appending to its logs; return the process and where its stderr starts. `gpu`: its
+    GPU, or with `processes` > 1 its group of GPUs (the processes of a torchrun see only those).
 
     Each run leads a session and process group of its own: a Ctrl-C in the terminal reaches reproduce.py alone,
     which then stops every run with all it started (`stop`). Should reproduce.py itself be killed outright
@@ -150,7 +177,11 @@ def launch(node: Node, gpu: str | None, env: dict[str, str]) -> tuple[subprocess
     (`terminate_with_parent`), so no orphan goes on writing into a run folder.
     """
     node.out_dir.mkdir(parents=True, exist_ok=True)
-    argv = node.argv + (["--gpu_id", gpu] if gpu is not None else [])
+    if processes > 1:
+        argv = torchrun_argv(node.argv, processes)
+        env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
+    else:
+        argv = node.argv + (["--gpu_id", gpu] if gpu is not None else [])
     with open(node.out_dir / "log.txt", "a") as out, open(node.out_dir / "stderr.txt", "a") as err:
         out.write(f"$ {shlex.join(argv)}\n")
         out.flush()

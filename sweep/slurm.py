@@ -39,8 +39,15 @@ class SlurmOptions:
     partition: str | None
     account: str | None
     time: str | None
-    gpus: str  # per stage run, as in --gres=gpu:<gpus>: `1`, `a100:1`; `0` runs on the CPU
+    gpus: str  # per node of a stage run, as in --gres=gpu:<gpus>: `1`, `a100:1`; `0` runs on the CPU
     extra: tuple[str, ...]
+    tasks_per_node: int = 1  # processes of a stage run on each of its nodes (--gpus_per_run)
+    nodes: int = 1  # nodes of a stage run
+
+    @property
+    def tasks(self) -> int:
+        """Processes of a stage run: where more than 1, srun starts them."""
+        return self.tasks_per_node * self.nodes
 
     def flags(self) -> list[str]:
         named = {"partition": self.partition, "account": self.account, "time": self.time}
@@ -77,12 +84,14 @@ def submit(nodes: list[Node], sweep: Sweep, options: SlurmOptions, log: Callable
             flags = [f"--job-name={out.name}", f"--chdir={cwd}", f"--comment={comment}", f"--output={out}/log.txt",
                      f"--error={out}/stderr.txt", "--open-mode=append"]
             flags += [f"--gres=gpu:{options.gpus}"] if options.gpus != "0" else []
+            if options.tasks > 1:
+                flags += [f"--nodes={options.nodes}", f"--ntasks-per-node={options.tasks_per_node}"]
             dependency = ([f"afterok:{':'.join(after)}"] if after else []) + (
                 [f"afterany:{':'.join(waiting)}"] if waiting else [])
             flags += [f"--dependency={','.join(dependency)}", "--kill-on-invalid-dep=yes"] if dependency else []
             argv = node.argv + (["--gpu_id", "cpu"] if options.gpus == "0" else [])
             try:
-                job = sbatch(argv, flags + options.flags())
+                job = sbatch(argv, flags + options.flags(), tasks=options.tasks)
             except UserError as err:
                 before = (f"; the {len(outcome.launched)} jobs submitted before it stay queued, and the same command "
                           "submits the rest" if outcome.launched else "")
@@ -120,11 +129,19 @@ def queued_jobs() -> dict[str, str]:
             for folder in comment.split(COMMENT_SEPARATOR)}
 
 
-def sbatch(argv: list[str], flags: list[str]) -> str:
-    """Submit one command as a batch job whose log starts with the command itself; return the job's id."""
+def sbatch(argv: list[str], flags: list[str], tasks: int = 1) -> str:
+    """Submit one command as a batch job whose log starts with the command itself; return the job's id.
+
+    A job of several `tasks` runs it under srun, once per task, the tasks meeting at the job's first node (each
+    one's rank is srun's SLURM_PROCID: distributed.py); --kill-on-bad-exit stops them all when one dies."""
     command = shlex.join(argv)
     header = f'echo {shlex.quote(f"$ {command}")} "(Slurm job $SLURM_JOB_ID on $(hostname))"'
-    script = f"#!/bin/sh\n{header}\nexec {command}\n"
+    if tasks > 1:
+        meet = ('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"\n'
+                "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n")
+        script = f"#!/bin/sh\n{header}\n{meet}exec srun --kill-on-bad-exit=1 {command}\n"
+    else:
+        script = f"#!/bin/sh\n{header}\nexec {command}\n"
     return run(["sbatch", "--parsable", *flags], script).split(";")[0].strip()
 
 

@@ -21,7 +21,8 @@ import torch
 from conftest import ROOT, assert_clean_failure, run_script
 
 import reproduce
-from sweep.graph import build_graph, is_finished
+from sweep import local as sweep_local
+from sweep.graph import Node, build_graph, is_finished
 from sweep.grid import PAPER_METHODS, Sweep, grid_flags, make_sweep
 from sweep.local import exclusive, execute
 from sweep.report import aggregate, report
@@ -410,10 +411,40 @@ def test_the_demo_runs_two_processes_at_a_time_unless_told_otherwise(tmp_path, m
     from sweep.graph import Outcome
 
     jobs: list[int] = []
-    monkeypatch.setattr(reproduce, "execute", lambda nodes, dataset, n, gpus: jobs.append(n) or Outcome(nodes))
+    monkeypatch.setattr(reproduce, "execute", lambda nodes, dataset, n, gpus, **_: jobs.append(n) or Outcome(nodes))
     monkeypatch.setattr(reproduce, "report", lambda sweep: "")
     where = ["--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
     for extra in ([], ["--jobs", "1"]):
         reproduce.main(["--preset", "demo", *where, *extra])
     reproduce.main(["--teachers", "res8", "--dataset", "synthetic", *where])
     assert jobs == [2, 1, 1]
+
+
+def test_a_run_on_several_gpus_is_a_torchrun_command_on_its_group_of_gpus(tmp_path, monkeypatch):
+    started = []
+
+    class Recorded:
+        def __init__(self, argv, env, **kwargs):
+            started.append((argv, env))
+
+    monkeypatch.setattr(sweep_local.subprocess, "Popen", Recorded)
+    node = Node("teacher", tmp_path / "run", [sys.executable, "train_teacher.py", "--resume"], [], {})
+    sweep_local.launch(node, "2,3", {"PATH": "/bin"}, processes=2)
+    sweep_local.launch(node, "1", {"PATH": "/bin"})
+    (many, many_env), (one, one_env) = started
+    assert many == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "train_teacher.py", "--resume"] and many_env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert one == [sys.executable, "train_teacher.py", "--resume", "--gpu_id", "1"]
+    assert "CUDA_VISIBLE_DEVICES" not in one_env
+    assert sweep_local.gpu_groups(["0", "1", "2", "3"], 2, 2) == ["0,1", "2,3"]
+    assert sweep_local.gpu_groups([None], 2, 1) == [None]
+    for gpus, jobs, message in ((["0", "1", "2"], 1, "3 GPUs do not make groups of --gpus_per_run 2"),
+                                ([None], 2, "list the GPUs to spread them over with --gpus")):
+        with pytest.raises(UserError, match=message):
+            sweep_local.gpu_groups(gpus, 2, jobs)
+
+
+def test_runs_of_several_processes_take_sync_bn(capsys):
+    outcome = reproduce.main(["--preset", "demo", "--gpus_per_run", "2", "--dry_run"])
+    assert all(node.argv[-1] == "--sync_bn" for node in outcome.nodes)
+    assert all("--sync_bn" not in node.argv for node in reproduce.main(["--preset", "demo", "--dry_run"]).nodes)

@@ -6,6 +6,7 @@ the test is skipped, unless DIH_REQUIRE_SLURM is set, as .ci/run sets it: there 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -14,10 +15,12 @@ import time
 from datetime import datetime
 
 import pytest
+import torch
 from slurm_cluster import one_node_cluster, unavailable
 
 import reproduce
 from runlock import run_folder
+from sweep import slurm
 from sweep.graph import build_graph
 from sweep.grid import grid_flags, make_sweep
 from utils import UserError
@@ -127,6 +130,35 @@ def test_a_job_whose_run_folder_is_locked_says_so_and_fails(slurm_conf, tiny_npz
     assert sorted(p.name for p in teacher.out_dir.iterdir()) == ["log.txt", "stderr.txt"]
 
 
+def test_a_run_of_two_processes_is_one_job_of_two_srun_tasks(slurm_conf, tiny_npz, tmp_path, monkeypatch):
+    """--gpus_per_run 2 on the CPU: each stage run is one job of 2 tasks that meet as one run of 2 processes."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_conf))
+    argv = ["--dataset", str(tiny_npz), "--teachers", "res8", "--methods", "ce", "--seeds", "30", "--epochs", "1",
+            "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "res"), "--slurm",
+            "--gpus_per_job", "0", "--gpus_per_run", "2"]
+    outcome = reproduce.main(argv)
+    wait_for(outcome.report_job)
+    for node in outcome.nodes:
+        log = (node.out_dir / "log.txt").read_text()
+        errors = (node.out_dir / "stderr.txt").read_text()
+        assert job(outcome.jobs[node.out_dir])["JobState"] == "COMPLETED", log + errors
+        assert log.count("final test accuracy") == 1, log  # rank 0 alone prints
+        (run,) = node.runs
+        assert json.loads((run / "summary.json").read_text())["config"]["sync_bn"] is True
+        assert torch.load(next(run.glob("*.pt")), weights_only=True)["args"]["world_size"] == 2
+
+
+def test_a_job_of_several_tasks_starts_them_with_srun_meeting_at_its_first_node(monkeypatch):
+    scripts = []
+    monkeypatch.setattr(slurm, "run", lambda argv, stdin=None: scripts.append(stdin) or "42\n")
+    assert slurm.sbatch(["python", "train_teacher.py"], [], tasks=4) == "42"
+    assert slurm.sbatch(["python", "train_teacher.py"], []) == "42"
+    many, one = scripts
+    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in many
+    assert many.endswith("exec srun --kill-on-bad-exit=1 python train_teacher.py\n")
+    assert one.endswith("\nexec python train_teacher.py\n") and "srun" not in one
+
+
 @pytest.mark.parametrize("argv", [
     ["--preset", "demo", "--dataset", "tiny.npz", "--epochs", "3", "--heads_epochs", "2", "--no-nesterov"],
     ["--teachers", "res20", "vgg11", "--methods", "dih", "kd", "--seeds", "1", "--schedule", "[]", "--wd", "0"],
@@ -142,6 +174,10 @@ def test_the_report_job_rebuilds_the_same_sweep_from_its_flags(argv):
     (["--slurm", "--jobs", "2"], "--jobs and --gpus are for a sweep on this machine"),
     (["--slurm", "--gpus_per_job", "two"], "--gpus_per_job 'two'"),
     (["--slurm", "--sbatch_args=--comment='x"], "--sbatch_args"),
+    (["--nodes", "2"], "--nodes is an option of --slurm"),
+    (["--slurm", "--nodes", "0"], "--nodes must be at least 1"),
+    (["--slurm", "--gpus_per_run", "2", "--gpus_per_job", "a100:1"], "give them the same count"),
+    (["--gpus_per_run", "3"], "--batch_size 64 is each run's global batch, which its 3 processes share equally"),
 ])
 def test_bad_slurm_flags_are_user_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
