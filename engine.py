@@ -46,9 +46,10 @@ from utils import UserError, WriteError, atomic_write_json, atomic_write_text, l
 RESUME_FILE = "last.pt"
 EXTRAS_FILE = "extras.pt"
 # Arguments that may change when a run is resumed: where and how fast it runs, where it reads and writes. The
-# effective precision (which --amp gives on the device) is checked on its own.
+# effective precision (which --amp gives on the device) is checked on its own, and so is the number of processes
+# (`world_size`), by `Run._restore`.
 RESUMABLE_CHANGES = frozenset({"resume", "gpu_id", "data_dir", "data_url", "out_dir", "amp", "compile", "summary",
-                               "workers", "dist_timeout", "world_size"})  # the number of processes: checked by _restore alone
+                               "workers", "dist_timeout", "world_size"})
 
 StepOutput = tuple[Tensor, list[Tensor]]  # (loss, logits of each classifier being trained)
 Needs = frozenset[str]  # what a phase reads of its stage's shared pass (see `SharedPass`)

@@ -38,8 +38,8 @@ from .tinyimagenet import TinyImageNetSource
 
 __all__ = [
     "BUILTIN", "CIFAR_SOURCES", "DEFAULT_PAD_MODE", "DOWNLOADED_NAMES", "PAD", "PAD_MODES", "SOURCES", "TINYIMAGENET",
-    "Batch", "CifarSource", "DataError", "Dataset", "DeviceDataset", "HostData", "IMAGENET", "NpzSource", "Shard", "Source",
-    "StreamingDataset", "SyntheticSource", "TinyImageNetSource", "crop_flip", "dataset_tag", "from_arrays",
+    "Batch", "CifarSource", "DataError", "Dataset", "DeviceDataset", "HostData", "IMAGENET", "NpzSource", "Shard",
+    "Source", "StreamingDataset", "SyntheticSource", "TinyImageNetSource", "crop_flip", "dataset_tag", "from_arrays",
     "is_streamed", "load_dataset", "make_synthetic", "npz_name",
     "num_train_batches", "save_npz", "source_for", "test_batches", "train_batches",
 ]
