@@ -13,6 +13,7 @@ import torch
 from conftest import Interrupted, assert_resumed, make_learnable, metrics_lines, stop_after_first_epoch
 
 import engine
+import students
 import test_dih
 import train_teacher
 from checkpoint import load_checkpoint, load_weights
@@ -127,7 +128,7 @@ def test_cli_run_resume_and_refusals(tmp_path, monkeypatch, capsys):
     assert extras["modules"] == ["student_heads", "teacher_heads"]
 
     with monkeypatch.context() as patch:
-        patch.setattr(test_dih, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
+        patch.setattr(students, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
                                                                                  log=stop_after_first_epoch))
         with pytest.raises(Interrupted):
             student("cut", "--detach")

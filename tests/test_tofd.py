@@ -18,6 +18,7 @@ from conftest import (
 from torch import nn
 
 import engine
+import students
 import test_dih
 import train_teacher
 from checkpoint import load_checkpoint, load_weights
@@ -207,7 +208,7 @@ def test_resume_is_exact(tofd_teachers, tiny_npz, tmp_path, monkeypatch, capsys)
     flags = ["--teacher_ckpt", str(tofd_teachers["a"]), "--epochs", "3", "--schedule", "2"]
     student(tiny_npz, tmp_path / "whole", *flags)
     with monkeypatch.context() as patch:
-        patch.setattr(test_dih, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
+        patch.setattr(students, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
                                                                                  log=stop_after_first_epoch))
         with pytest.raises(Interrupted):
             student(tiny_npz, tmp_path / "cut", *flags)
