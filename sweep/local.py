@@ -63,7 +63,8 @@ def execute(
     nodes: list[Node], dataset: str, jobs: int, gpus: list[str | None], log: Callable[[str], None] = print,
     processes: int = 1,
 ) -> Outcome:
-    """Run the unfinished nodes, each as soon as the runs it needs have finished, `jobs` at once per device (each
+    """Run the unfinished nodes, each as soon as the runs it needs have finished and those it comes after
+    (`Node.after`: a group's DIH heads) have ended either way, `jobs` at once per device (each
     run on `processes` processes under torchrun where more than 1: `gpus` are then groups of GPUs, `gpu_groups`).
 
     A failed node's dependents are skipped; the others go on. Output goes to log.txt and stderr.txt in
@@ -90,7 +91,8 @@ def execute(
                     blocked |= set(node.runs) - done
                     outcome.skipped.append(node)
                     log(f"skip   {node.label}: a run it needs failed")
-                elif free and all(dep in done for dep in node.deps):
+                elif free and all(dep in done for dep in node.deps) and all(
+                        run in done or run in blocked for run in node.after):  # what it comes after has ended
                     pending.remove(node)
                     slot = free.pop(0)
                     with signals_deferred():  # a run is listed (to be stopped on SIGINT/SIGTERM) as it starts

@@ -24,6 +24,7 @@ from image_folders import CLASSES, image_bytes, make_image_folder
 from PIL import Image
 
 import engine
+import students
 import test_dih
 import train_heads
 import train_teacher
@@ -197,7 +198,7 @@ def test_three_stages_on_an_image_folder_with_a_group_of_students(folder, tmp_pa
 
     cut = ["--dih.out_dir", str(tmp_path / "cut_dih"), "--kd.out_dir", str(tmp_path / "cut_kd")]
     with monkeypatch.context() as patch:
-        patch.setattr(test_dih, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
+        patch.setattr(students, "fit_group", lambda *args, **kw: engine.fit_group(*args, **kw,
                                                                                  log=stop_after_first_epoch))
         with pytest.raises(Interrupted):
             test_dih.main([*group, *cut])
