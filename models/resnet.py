@@ -14,6 +14,13 @@ from torch import Tensor, nn
 from .base import TapModel, conv_bn_relu_stem, init_conv_weights
 
 
+def shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    """A residual block's shortcut: the identity, or a projection (strided 1x1 conv + BN) where the shape changes."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a shortcut, ReLU after the sum.
 
@@ -29,11 +36,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
+        self.shortcut = shortcut(in_planes, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -57,11 +60,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
-            )
+        self.shortcut = shortcut(in_planes, out_planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
