@@ -20,6 +20,7 @@ from models import MODEL_NAMES
 
 # --------------------------------------------------------------------------------------------- main
 from sweep.cost import PROJECTED, projection
+from sweep.grid import PRESETS
 
 from .harness import STAGES, Plan, device_name
 from .measures import ABLATIONS, Workload, ablation, compare, group_costs, growth, method_costs
@@ -56,8 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=None, metavar="METHOD",
                    help="also the student step of these methods against KD's (no names: every method but CE)")
     p.add_argument("--project", nargs="*", choices=MODEL_NAMES, default=None, metavar="TEACHER",
-                   help=f"also the cost of reproduce.py --preset {PROJECTED} with and without grouping, from steps "
-                        "measured here (no names: all its teachers; names: only theirs)")
+                   help="also the cost of reproduce.py --preset PRESET (--preset) with and without grouping, from "
+                        "steps measured here (no names: all its teachers; names: only their rows)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=PROJECTED,
+                   help="the preset --project prices (e.g. repdistiller-cifar100-cross, RepDistiller's table 2)")
     p.add_argument("--group", nargs="+", action="append", choices=tuple(METHODS), metavar="METHOD",
                    help="also these students of the teacher as one group against each alone, one after another "
                         "(repeat the flag for several groups), e.g. --group kd at crd dih")
@@ -120,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.group:
         extra["groups"] = [group_costs(work, names) for names in args.group]
     if args.project is not None:
-        extra["projection"] = projection(args.project, args.num_classes, cfg, device, plan)
+        extra["projection"] = projection(args.project, args.num_classes, cfg, device, plan, args.preset)
     headline = next((r for r in results if r["stage"] == "dih"), results[-1] if results else {})
     failed = [r["stage"] for r in results if not r["loss_check"]["ok"]]
-    groups = [*extra.get("groups", []), *(row["group"] for row in extra.get("projection", {}).get("teachers", [])
-                                          if "group" in row)]
+    groups = [*extra.get("groups", []), *(group for row in extra.get("projection", {}).get("teachers", [])
+                                          for group in row["groups"])]
     unequal = [s["method"] for group in groups for s in group["students"] if not s["ok"]]
     total_s, load_after = time.perf_counter() - started, os.getloadavg()[0]
     print(f"\ntotal {total_s:.0f}s, load average {load_after:.2f}", flush=True)

@@ -10,6 +10,7 @@ measured: the epochs' evaluation is left out, and FitNets' hint epochs are price
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,20 +20,29 @@ import cli
 from benchmarks.harness import EPOCH_IMAGES, Plan, Timed, describe, print_table, seconds_per_step
 from benchmarks.measures import Workload, cifar_sized, group_costs, in_last_phase, method_stage, runs_step, tofd_teacher
 from engine import TrainConfig
+from utils import UserError
 
 from .graph import Node, build_graph
-from .grid import PRESETS, Sweep, add_grid_flags, make_sweep
+from .grid import Sweep, add_grid_flags, make_sweep
 
-PROJECTED = "paper-cifar100"  # the preset bench.py --project prices
+PROJECTED = "paper-cifar100"  # the preset bench.py --project prices unless --preset names another
 
 Key = tuple[str, ...]  # what one step is timed for: ("teacher", model), ("heads", model), ("student", model, ...)
 
 
-def preset_sweep(teachers: list[str]) -> Sweep:
-    """The projected preset, as reproduce.py builds it, for these of its teachers (none: all of them)."""
+def preset_sweep(teachers: list[str], preset: str = PROJECTED) -> Sweep:
+    """The preset, as reproduce.py builds it, for these of its teachers (none: all of them), with its rows of theirs.
+    Its teachers are priced as trained here, not imported."""
     p = cli.Parser()
     add_grid_flags(p)
-    return make_sweep(p.parse_args(["--preset", PROJECTED, *(["--teachers", *teachers] if teachers else [])]))
+    sweep = make_sweep(p.parse_args(["--preset", preset]))
+    if not teachers:
+        return sweep
+    unknown = [teacher for teacher in teachers if teacher not in sweep.teachers]
+    if unknown:
+        raise UserError(f"--project: {', '.join(unknown)} teaches no row of --preset {preset} (its teachers: "
+                        f"{', '.join(sweep.teachers)})")
+    return dataclasses.replace(sweep, pairs=[(t, s) for t, s in sweep.pairs if t in teachers])
 
 
 def step_key(expect: dict[str, Any]) -> Key:
@@ -45,7 +55,8 @@ def step_key(expect: dict[str, Any]) -> Key:
 
 
 def run_epochs(expect: dict[str, Any]) -> int:
-    return expect["epochs"] + expect.get("hint_epochs", 0)  # FitNets' hint phase comes before its epochs
+    """Training epochs of a run: an imported teacher trains none; FitNets' hint phase comes before its epochs."""
+    return expect.get("epochs", 0) + expect.get("hint_epochs", 0)
 
 
 def group_key(node: Node) -> Key:
@@ -69,11 +80,12 @@ def node_seconds(node: Node, step_s: dict[Key, float], group_s: dict[Key, float]
                                                   for expect in expects)
 
 
-def projection(teachers: list[str], num_classes: int, cfg: TrainConfig, device: torch.device, plan: Plan
-               ) -> dict[str, Any]:
+def projection(teachers: list[str], num_classes: int, cfg: TrainConfig, device: torch.device, plan: Plan,
+               preset: str = PROJECTED) -> dict[str, Any]:
     """Both graphs of the preset (grouped, as reproduce.py runs it, and one process per student), every step they
     need timed here (each teacher's in turns; a group against its students alone), and each graph priced."""
-    sweep = preset_sweep(teachers)
+    sweep = preset_sweep(teachers, preset)
+    taught = {teacher: [s for t, s in sweep.pairs if t == teacher] for teacher in sweep.teachers}
     separate, grouped = build_graph(sweep, group=False), build_graph(sweep, group=True)
     workloads: dict[tuple[str, str], Workload] = {}
 
@@ -84,7 +96,7 @@ def projection(teachers: list[str], num_classes: int, cfg: TrainConfig, device: 
 
     step_s: dict[Key, float] = {}
     group_s: dict[Key, float] = {}
-    groups: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {teacher: [] for teacher in sweep.teachers}
     for node in grouped:
         if len(node.runs) > 1 and group_key(node) not in group_s:
             teacher, student, *methods = group_key(node)
@@ -92,7 +104,7 @@ def projection(teachers: list[str], num_classes: int, cfg: TrainConfig, device: 
             group_s[group_key(node)] = result["group_ms_per_step"] / 1e3
             step_s |= {("student", student, row["method"], teacher): row["alone_ms_per_step"] / 1e3
                        for row in result["students"]}
-            groups[teacher] = result
+            groups[teacher].append(result)
 
     def timed(key: Key) -> Timed:
         if key[0] != "student":  # a teacher's own run: its training, TOFD's, or its heads'
@@ -117,26 +129,29 @@ def projection(teachers: list[str], num_classes: int, cfg: TrainConfig, device: 
     def label(key: Key) -> str:
         if key[0] != "student":
             return key[0]
-        return key[2] if key[1] == sweep.students[0] else "assistant"  # TAKD's assistant: KD into a bigger student
+        _, student, method, teacher = key
+        if student not in taught[teacher]:
+            return "assistant"  # TAKD's assistant: KD into a bigger student
+        return method if len(taught[teacher]) == 1 else f"{method} {student}"
 
     rows = [{"teacher": teacher,
              "steps_ms": {label(key): round(1e3 * step_s[key], 1) for key in needed
                           if (key[3] if key[0] == "student" else key[1]) == teacher},
-             **({"group": groups[teacher], "group_speedup": groups[teacher]["speedup"]} if teacher in groups else {}),
+             "groups": groups[teacher],
              "hours_without_grouping": round(hours(separate, teacher), 2),
              "hours_with_grouping": round(hours(grouped, teacher), 2)} for teacher in sweep.teachers]
     ce_hours = hours(separate, "")
     without = sum(row["hours_without_grouping"] for row in rows) + ce_hours
     with_groups = sum(row["hours_with_grouping"] for row in rows) + ce_hours
-    print_table(f"projection: reproduce.py --preset {PROJECTED} ({len(sweep.teachers)} of its "
-                f"{len(PRESETS[PROJECTED]['teachers'])} teachers, {len(sweep.seeds)} seeds, {sweep.epochs} epochs: "
+    print_table(f"projection: reproduce.py --preset {preset} ({len(sweep.teachers)} of its "
+                f"{len(preset_sweep([], preset).teachers)} teachers, {len(sweep.seeds)} seeds, {sweep.epochs} epochs: "
                 f"{len(grouped)} processes grouped, {len(separate)} not) on this device, {describe(cfg)}; hours "
                 "projected from the steps measured here (evaluation left out)",
                 ["teacher", "group speed-up", "hours without grouping", "hours with grouping"],
-                [*([row["teacher"], f"{row['group_speedup']:.2f}x" if "group" in row else "",
+                [*([row["teacher"], ", ".join(f"{group['speedup']:.2f}x" for group in row["groups"]),
                     row["hours_without_grouping"], row["hours_with_grouping"]] for row in rows),
                  ["CE (one per seed)", "", round(ce_hours, 2), round(ce_hours, 2)],
                  ["all", "", round(without, 1), f"{with_groups:.1f} ({without / with_groups:.2f}x less time)"]])
-    return {"preset": PROJECTED, "processes": {"grouped": len(grouped), "separate": len(separate)}, "teachers": rows,
+    return {"preset": preset, "processes": {"grouped": len(grouped), "separate": len(separate)}, "teachers": rows,
             "ce_hours": round(ce_hours, 2), "hours_without_grouping": round(without, 2),
             "hours_with_grouping": round(with_groups, 2), "ratio": round(without / with_groups, 3)}
