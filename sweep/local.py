@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import shlex
 import signal
@@ -195,6 +196,17 @@ def launch(node: Node, gpu: str | None, env: dict[str, str], processes: int = 1)
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+@functools.cache
+def libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once (find_library runs a process); None where there is none (not Linux)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def terminate_with_parent() -> Callable[[], None] | None:
     """A preexec_fn that has the kernel send the child SIGTERM when this process dies, however it dies
     (prctl's PR_SET_PDEATHSIG); None where there is no such call (not Linux): there only a clean exit of
@@ -202,11 +214,8 @@ def terminate_with_parent() -> Callable[[], None] | None:
 
     libc is looked up here, in the parent: between fork and exec the child should do no more than the call.
     """
-    if sys.platform != "linux":
-        return None
-    try:
-        prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
-    except (OSError, AttributeError):
+    prctl = libc_prctl()
+    if prctl is None:
         return None
     parent = os.getpid()
 

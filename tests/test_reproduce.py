@@ -430,6 +430,7 @@ def test_a_run_on_several_gpus_is_a_torchrun_command_on_its_group_of_gpus(tmp_pa
             started.append((argv, env))
 
     monkeypatch.setattr(sweep_local.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(sweep_local, "terminate_with_parent", lambda: None)  # its libc lookup runs processes too
     node = Node("teacher", tmp_path / "run", [sys.executable, "train_teacher.py", "--resume"], [], {})
     sweep_local.launch(node, "2,3", {"PATH": "/bin"}, processes=2)
     sweep_local.launch(node, "1", {"PATH": "/bin"})
@@ -447,6 +448,6 @@ def test_a_run_on_several_gpus_is_a_torchrun_command_on_its_group_of_gpus(tmp_pa
 
 
 def test_runs_of_several_processes_take_sync_bn(capsys):
-    outcome = reproduce.main(["--preset", "demo", "--gpus_per_run", "2", "--dry_run"])
+    outcome = reproduce.main(["--preset", "demo", "--gpus_per_run", "2", "--jobs", "1", "--dry_run"])
     assert all(node.argv[-1] == "--sync_bn" for node in outcome.nodes)
     assert all("--sync_bn" not in node.argv for node in reproduce.main(["--preset", "demo", "--dry_run"]).nodes)

@@ -177,7 +177,8 @@ def test_the_report_job_rebuilds_the_same_sweep_from_its_flags(argv):
     (["--nodes", "2"], "--nodes is an option of --slurm"),
     (["--slurm", "--nodes", "0"], "--nodes must be at least 1"),
     (["--slurm", "--gpus_per_run", "2", "--gpus_per_job", "a100:1"], "give them the same count"),
-    (["--gpus_per_run", "3"], "--batch_size 64 is each run's global batch, which its 3 processes share equally"),
+    (["--gpus_per_run", "3", "--jobs", "1"],
+     "--batch_size 32 is each run's global batch, which its 3 processes share equally"),
 ])
 def test_bad_slurm_flags_are_user_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
