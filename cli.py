@@ -172,9 +172,6 @@ def check_flags(args: argparse.Namespace, world: distributed.World) -> None:
     for name in ("momentum", "wd"):
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name} must be non-negative, got {getattr(args, name)}")
-    if world.size > 1 and is_streamed(args.dataset):
-        raise UserError(f"--dataset {args.dataset}: image folders do not stream over several processes yet; run "
-                        "it as one process")
     if args.batch_size % world.size:
         raise UserError(f"--batch_size {args.batch_size} is the global batch, which {world.size} processes share "
                         f"equally: give a multiple of {world.size}")

@@ -148,11 +148,10 @@ def num_train_batches(ds: Dataset, batch_size: int) -> int:
 def train_batches(ds: Dataset, batch_size: int, generator: torch.Generator, channels_last: bool = False,
                   pad_mode: str = DEFAULT_PAD_MODE, shard: Shard = resident.ALONE) -> Iterator[Batch]:
     """One augmented epoch of either kind of dataset (`pad_mode` is the device path's padded crop's; `shard`: this
-    process's share of every global batch, on the device path only: cli refuses image folders on many processes)."""
+    process's share of every global batch)."""
     if isinstance(ds, StreamingDataset):
         resident._check_batch_size(batch_size)
-        _check_alone(shard)
-        return streaming.train_batches(ds, batch_size, generator, channels_last)
+        return streaming.train_batches(ds, batch_size, generator, channels_last, shard)
     return resident.train_batches(ds, batch_size, generator, channels_last, pad_mode, shard)
 
 
@@ -161,14 +160,8 @@ def test_batches(ds: Dataset, batch_size: int, channels_last: bool = False,
     """The test set in order, normalised, of either kind of dataset (`shard`: this process's contiguous share)."""
     if isinstance(ds, StreamingDataset):
         resident._check_batch_size(batch_size)
-        _check_alone(shard)
-        return streaming.test_batches(ds, batch_size, channels_last)
+        return streaming.test_batches(ds, batch_size, channels_last, shard)
     return resident.test_batches(ds, batch_size, channels_last, shard)
-
-
-def _check_alone(shard: Shard) -> None:
-    if shard.world > 1:
-        raise DataError("image folders do not stream over several processes yet: run it as one process")
 
 
 test_batches.__test__ = False  # not a pytest test, even when a test module imports it by name

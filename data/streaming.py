@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .base import RGB, DataError
-from .device import Batch
+from .device import ALONE, Batch, Shard, shard_bounds
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderIndex
 
 CROP_SCALE = (0.08, 1.0)  # torchvision.transforms.RandomResizedCrop's defaults
@@ -256,28 +256,36 @@ def num_train_batches(ds: StreamingDataset, batch_size: int) -> int:
     return math.ceil(len(ds.train_files) / batch_size)
 
 
-def train_batches(ds: StreamingDataset, batch_size: int, generator: torch.Generator, channels_last: bool = False
-                  ) -> Iterator[Batch]:
-    """One augmented epoch: the permutation and the epoch's crop seed drawn from `generator` as iteration starts."""
+def train_batches(ds: StreamingDataset, batch_size: int, generator: torch.Generator, channels_last: bool = False,
+                  shard: Shard = ALONE) -> Iterator[Batch]:
+    """One augmented epoch: the permutation and the epoch's crop seed drawn from `generator` as iteration starts.
+    With a `shard`, every process draws the same global epoch and decodes only its rows of each global batch (an
+    image's crop depends on the epoch's seed and its index alone): the processes together see what one would."""
     order = torch.randperm(len(ds.train_files), generator=generator, device=generator.device)
     epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     order, listed = order.to(ds.device), order.tolist()
-    starts = range(0, len(listed), batch_size)
-    images = _on_device(ds, _decoded(ds, ds.train_files, [listed[s:s + batch_size] for s in starts], epoch_seed),
+    spans = []  # (first row, end row, row within the global batch, rows of the global batch)
+    for start in range(0, len(listed), batch_size):
+        whole = min(batch_size, len(listed) - start)
+        first, stop = shard_bounds(whole, *shard)
+        spans.append((start + first, start + stop, first, whole))
+    images = _on_device(ds, _decoded(ds, ds.train_files, [listed[a:b] for a, b, _, _ in spans], epoch_seed),
                         channels_last)
-    for start, x in zip(starts, images, strict=True):
-        index = order[start:start + batch_size]
-        yield Batch(x, ds.y_train[index], index)
+    for (a, b, first, whole), x in zip(spans, images, strict=True):
+        index = order[a:b]
+        yield Batch(x, ds.y_train[index], index, first, None if shard.world == 1 else whole)
 
 
-def test_batches(ds: StreamingDataset, batch_size: int, channels_last: bool = False
+def test_batches(ds: StreamingDataset, batch_size: int, channels_last: bool = False, shard: Shard = ALONE
                  ) -> Iterator[tuple[Tensor, Tensor]]:
-    """The validation images in order: resized, centre-cropped, normalised."""
-    n = len(ds.test_files)
-    batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+    """The validation images in order: resized, centre-cropped, normalised; with a `shard`, this process's contiguous
+    share of them (the shares together hold every image once)."""
+    first, stop = shard_bounds(len(ds.test_files), *shard)
+    starts = range(first, stop, batch_size)
+    batches = [list(range(start, min(start + batch_size, stop))) for start in starts]
     images = _on_device(ds, _decoded(ds, ds.test_files, batches, None), channels_last)
-    for start, x in zip(range(0, n, batch_size), images, strict=True):
-        yield x, ds.y_test[start:start + batch_size]
+    for start, x in zip(starts, images, strict=True):
+        yield x, ds.y_test[start:min(start + batch_size, stop)]
 
 
 test_batches.__test__ = False  # not a pytest test, even when a test module imports it by name

@@ -29,7 +29,7 @@ import test_dih
 import train_heads
 import train_teacher
 from checkpoint import load_checkpoint
-from data import DataError, StreamingDataset, load_dataset, num_train_batches, test_batches, train_batches
+from data import DataError, Shard, StreamingDataset, load_dataset, num_train_batches, test_batches, train_batches
 from data.imagefolder import index_folder
 from data.streaming import crop_box, decode_rgb, eval_view
 from utils import UserError
@@ -115,6 +115,20 @@ def test_epochs_are_independent_of_the_workers_and_replay_from_the_generator(fol
     assert not torch.equal(again[0], batches[0][0][0])
     (x_test, y_test), = test_batches(data, 100)
     assert x_test.shape == (6, 3, 32, 32) and torch.equal(y_test, data.y_test)
+
+
+def test_two_processes_decode_their_shares_of_the_one_process_epoch(folder):
+    """With a Shard, each process gets its rows of every global batch (the same crops: an image's crop follows the
+    epoch's seed and its index) and its contiguous share of the validation images; together, the one-process epoch."""
+    data = load_dataset(str(folder), "unused", CPU, image_size=32, workers=0)
+    alone = list(train_batches(data, 8, torch.Generator().manual_seed(5)))
+    shares = [list(train_batches(data, 8, torch.Generator().manual_seed(5), shard=Shard(rank, 2))) for rank in (0, 1)]
+    for whole, first, second in zip(alone, *shares, strict=True):
+        assert (first.start, second.start) == (0, len(first.y)) and first.whole == second.whole == len(whole.y)
+        for name in ("x", "y", "index"):
+            assert torch.equal(torch.cat([getattr(first, name), getattr(second, name)]), getattr(whole, name))
+    tests = [[y for _, y in test_batches(data, 2, shard=Shard(rank, 2))] for rank in (0, 1)]
+    assert torch.equal(torch.cat([*tests[0], *tests[1]]), data.y_test) and len(tests[0]) == len(tests[1]) == 2
 
 
 def broken_copy(folder: Path, tmp_path: Path, breakage: str) -> tuple[Path, str]:
