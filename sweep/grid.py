@@ -37,12 +37,14 @@ PAPER = {
 TABLE1_TEACHERS = ["res14", "res20", "res32", "res56", "res110", "res18", "res34", "vgg11", "wrn_28_2"]
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized for `make demo` on 2 AVX2-only CPU cores in fp32 (docs/BENCHMARKS.md, "The demo on a slow CPU"): ten
-    # stage runs on synthetic-mini (2,000 images of 16x16), five epochs each in batches of 32 (short runs want
-    # steps), a gentle LR and a tenth of it for the last epoch. Two runs at a time, one thread each: on two cores
-    # that beats one run on two threads, and by far on a busy machine, where OpenMP's threads wait on each other.
+    # stage runs on synthetic-mini (2,000 images of 16x16) in batches of 32 (short runs want steps), a gentle LR and
+    # a tenth of it from epoch 4: the students five epochs, the teacher fifteen (so that it ends above its students,
+    # or there is nothing to distil), its heads three. Two runs at a time, one thread each: on two cores that beats
+    # one run on two threads, and by far on a busy machine, where OpenMP's threads wait on each other.
     "demo": {
         "dataset": "synthetic-mini", "teachers": ["res20"], "students": ["res8"], "methods": ["ce", "kd", "dih"],
-        "seeds": [30, 50], "epochs": 5, "heads_epochs": 1, "batch_size": 32, "lr": 0.05, "schedule": [4], "jobs": 2,
+        "seeds": [30, 50], "epochs": 5, "teacher_epochs": 15, "heads_epochs": 3, "batch_size": 32, "lr": 0.05,
+        "schedule": [4], "jobs": 2,
     },
     "paper-cifar100": {**PAPER, "dataset": "cifar100", "teachers": TABLE1_TEACHERS},
     "paper-cifar10": {**PAPER, "dataset": "cifar10", "teachers": TABLE1_TEACHERS},
