@@ -140,7 +140,7 @@ def from_arrays(
 def num_train_batches(ds: Dataset, batch_size: int) -> int:
     """Batches per epoch of either kind of dataset; the last partial batch counts."""
     if isinstance(ds, StreamingDataset):
-        resident._check_batch_size(batch_size)
+        resident.check_batch_size(batch_size)
         return streaming.num_train_batches(ds, batch_size)
     return resident.num_train_batches(ds, batch_size)
 
@@ -150,7 +150,7 @@ def train_batches(ds: Dataset, batch_size: int, generator: torch.Generator, chan
     """One augmented epoch of either kind of dataset (`pad_mode` is the device path's padded crop's; `shard`: this
     process's share of every global batch)."""
     if isinstance(ds, StreamingDataset):
-        resident._check_batch_size(batch_size)
+        resident.check_batch_size(batch_size)
         return streaming.train_batches(ds, batch_size, generator, channels_last, shard)
     return resident.train_batches(ds, batch_size, generator, channels_last, pad_mode, shard)
 
@@ -159,7 +159,7 @@ def test_batches(ds: Dataset, batch_size: int, channels_last: bool = False,
                  shard: Shard = resident.ALONE) -> Iterator[tuple[torch.Tensor, ...]]:
     """The test set in order, normalised, of either kind of dataset (`shard`: this process's contiguous share)."""
     if isinstance(ds, StreamingDataset):
-        resident._check_batch_size(batch_size)
+        resident.check_batch_size(batch_size)
         return streaming.test_batches(ds, batch_size, channels_last, shard)
     return resident.test_batches(ds, batch_size, channels_last, shard)
 

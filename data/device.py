@@ -128,14 +128,14 @@ def _normaliser(ds: DeviceDataset) -> tuple[Tensor, Tensor]:
     return 1.0 / (255.0 * std), -mean / std
 
 
-def _check_batch_size(batch_size: int) -> None:
+def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
 
 
 def num_train_batches(ds: DeviceDataset, batch_size: int) -> int:
     """Batches per epoch; the last partial batch counts (drop_last=False, as the original loader)."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     return math.ceil(len(ds.y_train) / batch_size)
 
 
@@ -202,7 +202,7 @@ def train_batches(
     batch waits on the host. With a `shard`, every process draws the same global epoch and gathers only its
     share of each global batch of `batch_size`: the processes together see what one process would.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     device = ds.x_train.device
     if generator.device != device:
         raise DataError(f"the shuffling generator is on {generator.device} but the data is on {device}")
@@ -227,7 +227,7 @@ def test_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """The test set in order, normalised, without augmentation; with a `shard`, this process's contiguous share of
     it (the shares together hold every test image once)."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     scale, shift = _normaliser(ds)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     first, stop = shard_bounds(len(ds.y_test), *shard)
