@@ -66,7 +66,8 @@ def test_the_demo_sweep_on_slurm_keeps_the_order_gives_the_local_table_and_resub
         slurm_conf, tiny_npz, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", str(slurm_conf))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs inherit it: the same threads give the same sums
-    grid = ["--preset", "demo", "--dataset", str(tiny_npz), "--epochs", "1", "--seeds", "30"]
+    grid = ["--preset", "demo", "--dataset", str(tiny_npz), "--epochs", "1", "--teacher_epochs", "1",
+            "--heads_epochs", "1", "--seeds", "30"]
     on_slurm = [*grid, "--runs_dir", str(tmp_path / "slurm" / "runs"), "--results_dir", str(tmp_path / "slurm" / "res"),
                 "--slurm", "--gpus_per_job", "0"]
 
